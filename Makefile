@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+
+.PHONY: demo test lint docs bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+
+# Stamps re-run the install whenever pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(PY) -m pip install --quiet -e '.[plot]'
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/activate
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m trajflow demo --out out/demo
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check trajflow tests benchmarks docs
+	$(BIN)/ruff format --check trajflow tests benchmarks docs
+
+# pytest exits 5 when it collects no test; say so instead of failing obscurely.
+test: $(VENV)/.dev-installed lint
+	$(PY) -m pytest; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; status=0; fi; \
+	exit $$status
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs: $(VENV)/.dev-installed
+	$(BIN)/mkdocs serve
+
+bench: $(VENV)/.dev-installed
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/blocks.py --out benchmarks/results/blocks_cpu.json
+
+clean:
+	rm -rf $(VENV) site out .pytest_cache .ruff_cache .hypothesis

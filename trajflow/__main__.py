@@ -1,0 +1,3 @@
+from trajflow.cli import main
+
+main()
