@@ -1,0 +1,27 @@
+"""Registered invertible blocks. Importing this package registers all of them in BLOCKS."""
+
+from trajflow.blocks.coupling import AdditiveCoupling, AffineCoupling, Coupling, soft_clamp
+from trajflow.blocks.linear import ActNorm, FixedPermutation, LULinear, Reverse
+from trajflow.blocks.spline import (
+    SplineCoupling,
+    SplineKnots,
+    rational_quadratic_spline,
+    spline_knots,
+)
+from trajflow.blocks.tarflow import TarFlowBlock
+
+__all__ = [
+    "ActNorm",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "Coupling",
+    "FixedPermutation",
+    "LULinear",
+    "Reverse",
+    "SplineCoupling",
+    "SplineKnots",
+    "TarFlowBlock",
+    "rational_quadratic_spline",
+    "soft_clamp",
+    "spline_knots",
+]
