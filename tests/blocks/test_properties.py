@@ -91,7 +91,8 @@ def test_conditional_blocks_depend_on_their_context(name, seed, dtype, device):
         y, _ = block(x, ctx)
         y_other, _ = block(x, perturbed_context(ctx, seed))
         x_back_other, _ = block.inverse(y, perturbed_context(ctx, seed))
-    assert (y - y_other).abs().amax(dim=tuple(range(1, y.dim()))).min() > 1e-6
+    # Some samples may sit entirely on a spline's identity tails: ask for a change somewhere.
+    assert (y - y_other).abs().max() > 1e-6
     assert (x_back_other - x).abs().max() > 1e-6
     with pytest.raises(ValueError, match=r"context|Context|ctx"):
         block(x, None)
