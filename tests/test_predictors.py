@@ -1,0 +1,341 @@
+"""Gaussian predictors: shapes, zero-initialised heads, level causality, conditioning, errors.
+
+Layout reminder: the predictor reads ``K`` levels at once, level index ``k`` holding the input
+``u_{k+1}`` (index 0 is the cleanest input) and predicting level ``k``. The prediction for level
+``k`` may read inputs of levels ``≥ k`` (``causal``) or ``== k`` (``markov``), never cleaner ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trajflow.predictors import PREDICTORS, MLPPredictor, TrajectoryTransformer
+from trajflow.testing import perturb_parameters
+
+F64 = torch.float64
+FEW = settings(max_examples=3, deadline=None)
+B, K, L, C, D, M, FC = 2, 4, 3, 2, 3, 3, 5
+
+
+def build(name: str, perturb: bool = True, seed: int = 0, **kwargs):
+    if name == "mlp":
+        kwargs = {"features": D, "hidden_features": [16, 16], "time_features": 8, **kwargs}
+    else:
+        kwargs = {
+            "features": C,
+            "tokens": L,
+            "dim": 16,
+            "layers": 2,
+            "heads": 2,
+            "time_features": 8,
+            **kwargs,
+        }
+    torch.manual_seed(seed)
+    net = PREDICTORS.build(name, **kwargs).double()
+    return perturb_parameters(net, scale=0.3, seed=seed) if perturb else net
+
+
+def inputs(name: str, seed: int = 0, batch: int = B, levels: int = K):
+    generator = torch.Generator().manual_seed(seed)
+    event = (D,) if name == "mlp" else (L, C)
+    u = torch.randn(batch, levels, *event, generator=generator, dtype=F64)
+    t_in = 0.1 + 0.9 * torch.rand(batch, levels, generator=generator, dtype=F64)
+    t_out = t_in * torch.rand(batch, levels, generator=generator, dtype=F64)
+    steps = torch.full((batch,), levels)
+    return u, t_in, t_out, steps
+
+
+def condition(name: str, seed: int = 1, batch: int = B, tokens: int = M):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, FC) if name == "mlp" else (batch, tokens, FC)
+    return torch.randn(shape, generator=generator, dtype=F64)
+
+
+NAMES = PREDICTORS.names()
+
+
+def test_both_predictors_are_registered():
+    assert set(NAMES) >= {"mlp", "trajectory_transformer"}
+    assert PREDICTORS.get("mlp") is MLPPredictor
+    assert PREDICTORS.get("trajectory_transformer") is TrajectoryTransformer
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("target", ["x0", "velocity"])
+def test_output_shapes_and_event_shape(name, target):
+    net = build(name, target=target)
+    u, t_in, t_out, steps = inputs(name)
+    head, delta = net(u, t_in, t_out, steps)
+    assert head.shape == u.shape and delta.shape == u.shape
+    assert head.dtype == F64 and delta.dtype == F64
+    assert net.event_shape == tuple(u.shape[2:])
+    assert net.target == target
+    assert bool(torch.isfinite(head).all() and torch.isfinite(delta).all())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_delta_and_target_time_paths_are_zero_at_init(name):
+    net = build(name, perturb=False)
+    u, t_in, t_out, steps = inputs(name)
+    head, delta = net(u, t_in, t_out, steps)
+    assert delta.abs().max().item() == 0.0
+    # The (t_out, T) path starts at zero: the head equals the plain velocity-net call.
+    plain, plain_delta = net(u, t_in)
+    torch.testing.assert_close(head, plain, rtol=0, atol=1e-12)
+    assert plain_delta.abs().max().item() == 0.0
+    other, _ = net(u, t_in, 0.3 * t_out, steps + 12)
+    torch.testing.assert_close(head, other, rtol=0, atol=1e-12)
+    # ... while the head is not trivial: it reads u and t_in.
+    assert not torch.allclose(head, net(u + 0.5, t_in)[0])
+    assert not torch.allclose(head, net(u, 0.5 * t_in)[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_target_time_and_steps_matter_after_perturbation(name):
+    net = build(name)
+    u, t_in, t_out, steps = inputs(name)
+    head, delta = net(u, t_in, t_out, steps)
+    for changed in (net(u, t_in, 0.5 * t_out, steps), net(u, t_in, t_out, steps * 4)):
+        assert not torch.allclose(head, changed[0])
+        assert not torch.allclose(delta, changed[1])
+    assert delta.abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rows_of_the_batch_are_independent(name):
+    net = build(name)
+    u, t_in, t_out, steps = inputs(name)
+    head, delta = net(u, t_in, t_out, steps)
+    u2 = u.clone()
+    u2[1] += 1.0
+    head2, delta2 = net(u2, t_in, t_out, steps)
+    torch.testing.assert_close(head2[0], head[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(delta2[0], delta[0], rtol=0, atol=1e-12)
+    assert not torch.allclose(head2[1], head[1])
+
+
+# --------------------------------------------------------------------------- level causality
+def level_dependence(net, u, t_in, t_out, steps, y=None) -> torch.Tensor:
+    """``changed[k, j]``: whether output level ``k`` changes when the input of level ``j`` does."""
+    head, delta = net(u, t_in, t_out, steps, y)
+    levels = u.shape[1]
+    changed = torch.zeros(levels, levels, dtype=torch.bool)
+    for j in range(levels):
+        bumped = u.clone()
+        bumped[:, j] += torch.randn(
+            bumped[:, j].shape, generator=torch.Generator().manual_seed(j), dtype=F64
+        )
+        head_j, delta_j = net(bumped, t_in, t_out, steps, y)
+        for k in range(levels):
+            difference = max(
+                (head_j[:, k] - head[:, k]).abs().max().item(),
+                (delta_j[:, k] - delta[:, k]).abs().max().item(),
+            )
+            changed[k, j] = difference > 1e-10
+    return changed
+
+
+@pytest.mark.parametrize("level_attention", ["markov", "causal"])
+@pytest.mark.parametrize("cond", [False, True])
+@FEW
+@given(seed=st.integers(0, 2**10))
+def test_trajectory_transformer_level_causality(level_attention, cond, seed):
+    net = build(
+        "trajectory_transformer",
+        seed=seed,
+        level_attention=level_attention,
+        cond_features=FC if cond else 0,
+    )
+    u, t_in, t_out, steps = inputs("trajectory_transformer", seed)
+    y = condition("trajectory_transformer", seed) if cond else None
+    changed = level_dependence(net, u, t_in, t_out, steps, y)
+    k, j = torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij")
+    # Never reads cleaner inputs (j < k); always reads its own input (j == k).
+    assert not bool(changed[j < k].any()), changed
+    assert bool(changed[j == k].all()), changed
+    if level_attention == "markov":
+        assert not bool(changed[j > k].any()), changed  # nor noisier ones
+    else:
+        assert bool(changed[j > k].all()), changed  # every noisier level matters
+
+
+def test_mlp_is_markov_over_levels():
+    net = build("mlp")
+    changed = level_dependence(net, *inputs("mlp"))
+    assert torch.equal(changed, torch.eye(K, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("level_attention", ["markov", "causal"])
+@pytest.mark.parametrize("cond", [False, True])
+def test_level_k_equals_the_suffix_pass_the_sampler_uses(level_attention, cond):
+    """Prediction ``k`` from the parallel pass equals the pass over levels ``k, …, K-1`` alone
+    (``causal``) or over level ``k`` alone (``markov``): what NTM.sample feeds per step."""
+    net = build(
+        "trajectory_transformer", level_attention=level_attention, cond_features=FC if cond else 0
+    )
+    u, t_in, t_out, steps = inputs("trajectory_transformer")
+    y = condition("trajectory_transformer") if cond else None
+    head, delta = net(u, t_in, t_out, steps, y)
+    for k in range(K):
+        stop = K if level_attention == "causal" else k + 1
+        part = net(u[:, k:stop], t_in[:, k:stop], t_out[:, k:stop], steps, y)
+        torch.testing.assert_close(part[0][:, 0], head[:, k], rtol=0, atol=1e-10)
+        torch.testing.assert_close(part[1][:, 0], delta[:, k], rtol=0, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- conditioning
+@pytest.mark.parametrize("name", NAMES)
+def test_condition_changes_the_output(name):
+    net = build(name, cond_features=FC)
+    u, t_in, t_out, steps = inputs(name)
+    y = condition(name)
+    head, delta = net(u, t_in, t_out, steps, y)
+    head2, delta2 = net(u, t_in, t_out, steps, y + 1.0)
+    assert not torch.allclose(head, head2) and not torch.allclose(delta, delta2)
+    # Only the rows whose condition changed.
+    y3 = y.clone()
+    y3[1] += 1.0
+    head3, _ = net(u, t_in, t_out, steps, y3)
+    torch.testing.assert_close(head3[0], head[0], rtol=0, atol=1e-12)
+    assert not torch.allclose(head3[1], head[1])
+
+
+@pytest.mark.parametrize("level_attention", ["markov", "causal"])
+def test_padding_tokens_are_ignored(level_attention):
+    net = build("trajectory_transformer", cond_features=FC, level_attention=level_attention)
+    u, t_in, t_out, steps = inputs("trajectory_transformer")
+    y = condition("trajectory_transformer")
+    y_mask = torch.tensor([[True, True, False], [True, False, False]])
+    head, delta = net(u, t_in, t_out, steps, y, y_mask)
+    y_padding = y.clone()
+    y_padding[~y_mask] = 100.0 * torch.randn(int((~y_mask).sum()), FC, dtype=F64)
+    head2, delta2 = net(u, t_in, t_out, steps, y_padding, y_mask)
+    torch.testing.assert_close(head2, head, rtol=0, atol=1e-10)
+    torch.testing.assert_close(delta2, delta, rtol=0, atol=1e-10)
+    # ... and equal to the prompt without the padding at all.
+    for row, length in enumerate((2, 1)):
+        alone = net(
+            u[row : row + 1],
+            t_in[row : row + 1],
+            t_out[row : row + 1],
+            steps[:1],
+            y[row : row + 1, :length],
+        )
+        torch.testing.assert_close(alone[0][0], head[row], rtol=0, atol=1e-10)
+    # A real token does matter.
+    y_real = y.clone()
+    y_real[0, 0] += 1.0
+    assert not torch.allclose(net(u, t_in, t_out, steps, y_real, y_mask)[0][0], head[0])
+    # A fully padded prompt is still finite (no empty attention rows).
+    empty = torch.zeros_like(y_mask)
+    assert bool(torch.isfinite(net(u, t_in, t_out, steps, y, empty)[0]).all())
+
+
+def null_output(net, u, t_in, t_out, steps):
+    return net(u, t_in, t_out, steps, None)
+
+
+@pytest.mark.parametrize(
+    "name", ["mlp", pytest.param("trajectory_transformer", id="transformer-one-token")]
+)
+def test_dropped_rows_equal_the_null_condition(name):
+    net = build(name, cond_features=FC)
+    u, t_in, t_out, steps = inputs(name)
+    y = condition(name, tokens=1)
+    drop = torch.tensor([True, False])
+    head, delta = net(u, t_in, t_out, steps, y, drop=drop)
+    null_head, null_delta = null_output(net, u, t_in, t_out, steps)
+    cond_head, _ = net(u, t_in, t_out, steps, y)
+    torch.testing.assert_close(head[0], null_head[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(delta[0], null_delta[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(head[1], cond_head[1], rtol=0, atol=1e-12)
+    assert not torch.allclose(null_head[1], cond_head[1])
+    # The null condition is a learned parameter: it moves the output.
+    with torch.no_grad():
+        net.null.add_(1.0)
+    assert not torch.allclose(net(u, t_in, t_out, steps, y, drop=drop)[0][0], head[0])
+
+
+@pytest.mark.parametrize("level_attention", ["markov", "causal"])
+def test_dropped_rows_equal_the_null_condition_for_multi_token_prompts(level_attention):
+    net = build("trajectory_transformer", cond_features=FC, level_attention=level_attention)
+    u, t_in, t_out, steps = inputs("trajectory_transformer")
+    y = condition("trajectory_transformer", tokens=M)
+    y_mask = torch.tensor([[True, True, False], [True, True, True]])
+    drop = torch.tensor([True, True])
+    head, _ = net(u, t_in, t_out, steps, y, y_mask, drop)
+    null_head, _ = null_output(net, u, t_in, t_out, steps)
+    torch.testing.assert_close(head, null_head, rtol=0, atol=1e-10)
+
+
+def test_dropped_rows_do_not_depend_on_the_prompt():
+    net = build("trajectory_transformer", cond_features=FC)
+    u, t_in, t_out, steps = inputs("trajectory_transformer")
+    y = condition("trajectory_transformer")
+    drop = torch.tensor([True, True])
+    head = net(u, t_in, t_out, steps, y, drop=drop)[0]
+    torch.testing.assert_close(net(u, t_in, t_out, steps, -y, drop=drop)[0], head)
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_shapes_name_the_expected_shape(name):
+    net = build(name, perturb=False, cond_features=FC)
+    u, t_in, _, _ = inputs(name)
+    event = r"\('B', 'K', 3\)" if name == "mlp" else r"\('B', 'K', 3, 2\)"
+    with pytest.raises(ValueError, match=f"expected u of shape {event}"):
+        net(u[..., :1], t_in)
+    with pytest.raises(ValueError, match=f"expected u of shape {event}"):
+        net(u[:, 0], t_in)
+    with pytest.raises(ValueError, match=r"expected times of shape \(B, K\) = \(2, 4\)"):
+        net(u, t_in[:, :2])
+    expected_y = r"\(B, F\)" if name == "mlp" else r"\(B, M, F\)"
+    y = condition(name)
+    with pytest.raises(ValueError, match=f"expected y of shape {expected_y} with B=2, F=5"):
+        net(u, t_in, y=y[..., :2])
+    with pytest.raises(ValueError, match=f"expected y of shape {expected_y}"):
+        net(u, t_in, y=y[:1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_condition_given_to_an_unconditional_predictor_raises(name):
+    net = build(name, perturb=False)
+    u, t_in, _, _ = inputs(name)
+    with pytest.raises(ValueError, match="cond_features=0"):
+        net(u, t_in, y=condition(name))
+
+
+def test_unknown_predictor_lists_known_names():
+    with pytest.raises(KeyError, match="mlp, trajectory_transformer"):
+        PREDICTORS.build("unet", features=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "match"),
+    [
+        ("mlp", {"features": 2, "target": "eps"}, r"target must be one of \('x0', 'velocity'\)"),
+        ("mlp", {"features": 2, "time_features": 7}, "time_features must be an even number"),
+        ("mlp", {"features": 2, "hidden_features": []}, "at least one hidden layer"),
+        (
+            "trajectory_transformer",
+            {"features": 2, "tokens": 3, "level_attention": "full"},
+            "level_attention must be 'markov' or 'causal'",
+        ),
+        (
+            "trajectory_transformer",
+            {"features": 2, "tokens": 3, "dim": 10, "heads": 4},
+            r"dim \(10\) must be divisible by heads \(4\)",
+        ),
+    ],
+)
+def test_bad_constructor_arguments(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PREDICTORS.build(name, **kwargs)
+
+
+def test_build_rejects_unknown_keyword_with_signature():
+    with pytest.raises(TypeError, match="expected mlp"):
+        PREDICTORS.build("mlp", features=2, width=3)

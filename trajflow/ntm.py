@@ -1,0 +1,496 @@
+"""Normalizing Trajectory Models: every reverse step is a conditional normalizing flow.
+
+A shared, time-conditioned invertible *transporter* ``u = f(x; t, T)`` maps each level of a
+flow-matching trajectory to u-space, where a *predictor* gives a diagonal Gaussian for the
+next cleaner level. The trajectory likelihood is exact (NTM_METHOD §4):
+
+    log p(x_{t_0:t_T}) = log N(x_1; 0, I) + Σ_k [log N(u_k; μ_k, σ_k²) + log|det ∂f/∂x (x_{t_k})|]
+
+Sampling runs the Gaussian chain in u-space and inverts the transporter once at the end.
+
+Example:
+    >>> import torch
+    >>> from trajflow import NTM, Sequential, PREDICTORS
+    >>> transporter = Sequential.from_specs([
+    ...     {"name": "affine_coupling", "kwargs": {"features": 2, "time_features": 16}},
+    ... ])
+    >>> model = NTM(transporter, PREDICTORS.build("mlp", features=2, hidden_features=[32]))
+    >>> out = model.loss(torch.randn(8, 2))
+    >>> out.nll.shape, out.loss.dim()
+    (torch.Size([8]), 0)
+    >>> model.sample(3, steps=4, generator=torch.Generator().manual_seed(0)).shape
+    torch.Size([3, 2])
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from trajflow.core import Context, Sequential
+from trajflow.predictors import Predictor
+from trajflow.schedules import (
+    ScheduleConfig,
+    _expand,
+    draw_steps,
+    draw_t_min,
+    forward_kernel,
+    posterior_coefficients,
+    posterior_mean_from_velocity,
+    sample_trajectory,
+)
+
+__all__ = ["NTM", "DataBound", "NTMLoss", "gaussian_log_prob", "guided_gaussian"]
+
+LOG_2PI = math.log(2 * math.pi)
+Mode = Literal["end_to_end", "pairwise"]
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, log_std: Tensor, event_dims: int) -> Tensor:
+    """``log N(x; mean, exp(log_std)²)`` summed over the last ``event_dims`` dimensions."""
+    z = (x - mean) * torch.exp(-log_std)
+    density = -0.5 * z.square() - log_std - 0.5 * LOG_2PI
+    return density.flatten(start_dim=density.dim() - event_dims).sum(-1)
+
+
+def guided_gaussian(
+    mean_cond: Tensor, std_cond: Tensor, mean_uncond: Tensor, std_uncond: Tensor, weight: float
+) -> tuple[Tensor, Tensor]:
+    """Classifier-free guidance on a Gaussian step (STARFlow / NTM), weight ``w``.
+
+    ``r = min((σ_c/σ_u)², 1)``, ``σ = σ_c / sqrt(1 + w - w r)``,
+    ``μ = ((1+w) μ_c - w r μ_u) / (1 + w - w r)``. ``w = 0`` gives the conditional step.
+    """
+    ratio = torch.clamp((std_cond / std_uncond).square(), max=1.0)
+    norm = 1 + weight - weight * ratio
+    return ((1 + weight) * mean_cond - weight * ratio * mean_uncond) / norm, std_cond / norm.sqrt()
+
+
+@dataclasses.dataclass
+class NTMLoss:
+    """What :meth:`NTM.loss` returns.
+
+    Attributes:
+        loss: Scalar to minimise: mean trajectory NLL per data dimension (+ the auxiliary term).
+        nll: Per-sample trajectory NLL in nats ``(B,)`` (an unbiased estimate in pair-wise mode).
+        bits_per_dim: ``nll / (D ln 2)`` with ``D`` the data dimension ``(B,)``.
+        aux: The mean-alignment loss of a finetuned model, or ``None``.
+        steps: The step count ``T`` drawn for this batch.
+    """
+
+    loss: Tensor
+    nll: Tensor
+    bits_per_dim: Tensor
+    aux: Tensor | None
+    steps: int
+
+
+@dataclasses.dataclass
+class DataBound:
+    """A lower bound on ``log p(x_{t_0})`` (NTM_METHOD §4), and what variable it is about.
+
+    Attributes:
+        log_likelihood: Per-sample bound in nats ``(B,)``.
+        bits_per_dim: ``-(bound [- D log(2/K)]) / (D ln 2)`` ``(B,)``.
+        variable: Plain-words statement of the variable, ``t_0``, ``T`` and dequantisation.
+    """
+
+    log_likelihood: Tensor
+    bits_per_dim: Tensor
+    variable: str
+
+
+class NTM(nn.Module):
+    """A Normalizing Trajectory Model.
+
+    Args:
+        transporter: Invertible, time-conditioned map shared by all levels (a
+            :class:`~trajflow.core.Sequential`; empty or ``None`` is the identity, which
+            makes the model a Gaussian reverse chain with learned variance).
+        predictor: A :class:`~trajflow.predictors.Predictor` giving ``(x̂_0 or v, δ)``.
+        schedule: How trajectories are drawn (grid, step counts, ``t_min``).
+        mode: ``"end_to_end"`` (all ``T`` factors) or ``"pairwise"`` (one random step per
+            sample, an unbiased estimate of the same NLL at a fraction of the cost).
+        cfg_dropout: Probability of replacing the condition by the null condition in training.
+    """
+
+    def __init__(
+        self,
+        transporter: Sequential | None,
+        predictor: Predictor,
+        schedule: ScheduleConfig | None = None,
+        mode: Mode = "end_to_end",
+        cfg_dropout: float = 0.1,
+    ):
+        super().__init__()
+        if mode not in ("end_to_end", "pairwise"):
+            raise ValueError(f"mode must be 'end_to_end' or 'pairwise', got {mode!r}")
+        if not 0 <= cfg_dropout < 1:
+            raise ValueError(f"cfg_dropout must lie in [0, 1), got {cfg_dropout}")
+        self._check_mode(mode, predictor)
+        self.transporter = transporter if transporter is not None else Sequential()
+        self.predictor = predictor
+        self.schedule = schedule or ScheduleConfig()
+        self.grid = self.schedule.build()
+        self.mode = mode
+        self.cfg_dropout = cfg_dropout
+        self.event_shape = tuple(predictor.event_shape)
+        self.dimension = math.prod(self.event_shape)
+        # Finetuning from flow matching (NTM_METHOD §6); see from_flow_matching.
+        self.teacher: Predictor | None = None
+        self.aux_weight, self.aux_steps = 0.0, 0
+
+    # ----------------------------------------------------------------- building blocks
+    def transport(self, x: Tensor, t: Tensor, steps: int | Tensor) -> tuple[Tensor, Tensor]:
+        """Applies the transporter to levels ``x`` ``(B, K, *event)`` at times ``t`` ``(B, K)``.
+
+        Returns:
+            ``u`` shaped like ``x`` and the log-determinants ``(B, K)``.
+        """
+        batch, levels = t.shape
+        steps = torch.as_tensor(steps, device=x.device).expand(batch)
+        ctx = Context(t=t.reshape(-1).to(x.dtype), steps=steps.repeat_interleave(levels))
+        u, logdet = self.transporter(x.flatten(0, 1), ctx)
+        return u.unflatten(0, (batch, levels)), logdet.reshape(batch, levels)
+
+    def untransport(self, u: Tensor, t: Tensor, steps: int | Tensor) -> Tensor:
+        """Inverse of :meth:`transport` for one level: ``u`` ``(B, *event)``, ``t`` ``(B,)``."""
+        steps = torch.as_tensor(steps, device=u.device).expand(u.shape[0])
+        return self.transporter.inverse(u, Context(t=t.to(u.dtype), steps=steps))[0]
+
+    def gaussian(
+        self,
+        u_in: Tensor,
+        t_in: Tensor,
+        t_out: Tensor,
+        steps: int | Tensor,
+        y: Tensor | None = None,
+        y_mask: Tensor | None = None,
+        drop: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Mean and log-std of ``u_{t_out}`` given ``u_in`` at ``t_in``, for ``K`` levels at once.
+
+        ``μ = A u_in + B x̂_0`` and ``log σ = log C + δ`` with the posterior coefficients of
+        the step ``t_out < t_in`` (NTM_METHOD §3).
+        """
+        batch = u_in.shape[0]
+        steps = torch.as_tensor(steps, device=u_in.device).expand(batch)
+        t_in_net, t_out_net = t_in.to(u_in.dtype), t_out.to(u_in.dtype)
+        head, delta = self.predictor(u_in, t_in_net, t_out_net, steps, y, y_mask, drop)
+        a, b, c2 = (_expand(v, u_in) for v in posterior_coefficients(t_out, t_in))
+        clean = head if self.predictor.target == "x0" else u_in - _expand(t_in, u_in) * head
+        return a * u_in + b * clean, 0.5 * torch.log(c2) + delta
+
+    # ----------------------------------------------------------------- likelihoods
+    def trajectory_log_prob(
+        self,
+        trajectory: Tensor,
+        times: Tensor,
+        y: Tensor | None = None,
+        y_mask: Tensor | None = None,
+        drop: Tensor | None = None,
+    ) -> Tensor:
+        """Exact ``log p(x_{t_0}, …, x_{t_T})`` of trajectories ``(B, T + 1, *event)``.
+
+        Args:
+            trajectory: Levels from clean-most to ``t_T = 1``.
+            times: Their times ``(B, T + 1)``, increasing, ending at 1.
+            y, y_mask, drop: Condition, its token mask and per-sample prompt dropout.
+        """
+        self._check_levels(trajectory, times)
+        steps = times.shape[1] - 1
+        event_dims = len(self.event_shape)
+        u, logdet = self.transport(trajectory[:, :steps], times[:, :steps], steps)
+        u_in = torch.cat([u[:, 1:], trajectory[:, steps:]], dim=1)  # u_T = x_1: no transporter
+        mean, log_std = self.gaussian(u_in, times[:, 1:], times[:, :-1], steps, y, y_mask, drop)
+        steps_log_prob = gaussian_log_prob(u, mean, log_std, event_dims) + logdet
+        top = gaussian_log_prob(
+            trajectory[:, -1],
+            torch.zeros_like(trajectory[:, -1]),
+            torch.zeros_like(trajectory[:, -1]),
+            event_dims,
+        )
+        return top + steps_log_prob.sum(dim=1)
+
+    def _pairwise_log_prob(self, trajectory, times, y, y_mask, drop, generator) -> Tensor:
+        """Unbiased estimate ``log N(x_1) + T · (term of one random step k)`` per sample."""
+        batch, steps = times.shape[0], times.shape[1] - 1
+        event_dims = len(self.event_shape)
+        k = torch.randint(0, steps, (batch,), generator=generator).to(trajectory.device)
+        rows = torch.arange(batch, device=trajectory.device)
+        pair = torch.stack([trajectory[rows, k], trajectory[rows, k + 1]], dim=1)
+        pair_times = torch.stack([times[rows, k], times[rows, k + 1]], dim=1)
+        u, logdet = self.transport(pair, pair_times, steps)
+        # The noisiest level x_1 is not transported: use it as is where k + 1 == T.
+        top_level = (k + 1 == steps).reshape(-1, *([1] * len(self.event_shape)))
+        u_in = torch.where(top_level, pair[:, 1], u[:, 1])
+        mean, log_std = self.gaussian(
+            u_in[:, None], pair_times[:, 1:], pair_times[:, :1], steps, y, y_mask, drop
+        )
+        term = gaussian_log_prob(u[:, :1], mean, log_std, event_dims)[:, 0] + logdet[:, 0]
+        top = gaussian_log_prob(
+            trajectory[:, -1],
+            torch.zeros_like(trajectory[:, -1]),
+            torch.zeros_like(trajectory[:, -1]),
+            event_dims,
+        )
+        return top + steps * term
+
+    def loss(
+        self,
+        x0: Tensor,
+        y: Tensor | None = None,
+        y_mask: Tensor | None = None,
+        mode: Mode | None = None,
+        step: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> NTMLoss:
+        """Trajectory NLL of forward trajectories drawn from ``x0`` (the training loss).
+
+        Draws ``T`` for the batch and ``t_min`` per sample from the schedule, a trajectory per
+        sample, and (with a condition) drops it with probability ``cfg_dropout``.
+
+        Args:
+            x0: Clean data ``(B, *event)``.
+            y: Optional condition; y_mask: its token mask.
+            mode: Overrides the model's mode for this call.
+            step: Training step (drives the decay of the auxiliary loss weight).
+            generator: Seeds every random draw.
+        """
+        self._check_data(x0)
+        mode = mode or self.mode
+        self._check_mode(mode, self.predictor)
+        batch = x0.shape[0]
+        steps = draw_steps(self.schedule.steps, generator)
+        t_min = draw_t_min(batch, self.schedule.t_min_low, self.schedule.t_min_high, generator)
+        times = self.grid(steps, t_min).to(x0.device)
+        trajectory = sample_trajectory(x0, times, generator)
+        drop = None
+        if y is not None and self.cfg_dropout > 0:
+            drop = (torch.rand(batch, generator=generator) < self.cfg_dropout).to(x0.device)
+        if mode == "end_to_end":
+            log_prob = self.trajectory_log_prob(trajectory, times, y, y_mask, drop)
+        else:
+            log_prob = self._pairwise_log_prob(trajectory, times, y, y_mask, drop, generator)
+        nll = -log_prob
+        loss = nll.mean() / self.dimension
+        aux = None
+        if self.teacher is not None and self.aux_weight > 0:
+            aux = self._alignment_loss(trajectory, times, steps, y, y_mask, drop)
+            loss = loss + self.aux_weight_at(step) * aux
+        return NTMLoss(
+            loss, nll.detach(), nll.detach() / (self.dimension * math.log(2)), aux, steps
+        )
+
+    @torch.no_grad()
+    def data_bound(
+        self,
+        x: Tensor,
+        steps: int = 4,
+        t0: float | None = None,
+        y: Tensor | None = None,
+        y_mask: Tensor | None = None,
+        quantization_levels: int | None = None,
+        samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> DataBound:
+        """Variational lower bound on ``log p(x_{t_0})``, ``x_{t_0} = (1 - t_0) x + t_0 ε``.
+
+        ``log p(x_{t_0}) ≥ E_q[log p(x_{t_0:t_T}) - log q(x_{t_1:t_T} | x_{t_0})]``, averaged over
+        ``samples`` forward trajectories.
+
+        Args:
+            x: Data ``(B, *event)``.
+            steps: ``T`` of the evaluation grid.
+            t0: The fixed ``t_0`` (default: the schedule's ``t_min_eval``).
+            quantization_levels: ``K`` if ``x`` is uniformly dequantised data on ``K`` levels
+                mapped to ``[-1, 1]``; bits/dim then bound ``-log P(k)`` (NTM_METHOD §10).
+            samples: Monte Carlo trajectories per point.
+        """
+        self._check_data(x)
+        t0 = self.schedule.t_min_eval if t0 is None else t0
+        times = self.grid(steps, torch.full((x.shape[0],), t0, dtype=torch.float64)).to(x.device)
+        event_dims = len(self.event_shape)
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        for _ in range(samples):
+            trajectory = sample_trajectory(x, times, generator)
+            log_joint = self.trajectory_log_prob(trajectory, times, y, y_mask)
+            log_forward = torch.zeros_like(log_joint)
+            for k in range(steps):
+                alpha, variance = forward_kernel(times[:, k], times[:, k + 1])
+                mean = _expand(alpha, x) * trajectory[:, k]
+                log_std = _expand(0.5 * torch.log(variance), x).expand_as(mean)
+                log_forward = log_forward + gaussian_log_prob(
+                    trajectory[:, k + 1], mean, log_std, event_dims
+                )
+            total = total + (log_joint - log_forward).double()
+        bound = total / samples
+        nats = -bound
+        variable = f"x_t0 = (1 - t0) x + t0 ε, t0 = {t0:g}, T = {steps}"
+        if quantization_levels is not None:
+            nats = nats - self.dimension * math.log(2 / quantization_levels)
+            variable += f", K = {quantization_levels} uniform dequantisation to [-1, 1]"
+        return DataBound(bound, nats / (self.dimension * math.log(2)), variable)
+
+    # ----------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        steps: int = 4,
+        cfg: float = 0.0,
+        y: Tensor | None = None,
+        y_mask: Tensor | None = None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        t_min: float | None = None,
+        return_trajectory: bool = False,
+    ) -> Tensor:
+        """Draws ``n`` samples with ``steps`` Gaussian steps in u-space and one inverse at the end.
+
+        Args:
+            n: Number of samples.
+            steps: ``T``, any positive integer (trained values work best).
+            cfg: Guidance weight ``w`` on ``(μ, σ)``; needs a conditional predictor.
+            y, y_mask: Condition of every sample (batch ``n``).
+            temperature: Scales the noise of every step (and of ``u_T``).
+            generator: Seeds the noise: the same seed gives the same samples.
+            t_min: Final level ``t_0`` (default: the schedule's ``t_min_eval``).
+            return_trajectory: Also return the u-space levels ``(n, T + 1, *event)``.
+
+        Returns:
+            ``x_{t_0}`` ``(n, *event)`` (and the u-trajectory if asked).
+        """
+        if cfg and not self.predictor.cond_features:
+            raise ValueError("classifier-free guidance needs a predictor with cond_features > 0")
+        parameter = next(self.predictor.parameters())
+        device, dtype = parameter.device, parameter.dtype
+        t_min = self.schedule.t_min_eval if t_min is None else t_min
+        times = self.grid(steps, torch.full((n,), t_min, dtype=torch.float64)).to(device)
+
+        def noise() -> Tensor:
+            return torch.randn((n, *self.event_shape), generator=generator, dtype=dtype).to(device)
+
+        u = temperature * noise()
+        history = [u]  # u_T, u_{T-1}, …: the causal predictor reads all noisier levels
+        causal = getattr(self.predictor, "level_attention", "markov") == "causal"
+        for k in range(steps - 1, -1, -1):
+            inputs = torch.stack(history[::-1], dim=1) if causal else u[:, None]
+            t_in = times[:, k + 1 : steps + 1] if causal else times[:, k + 1 : k + 2]
+            t_out = times[:, k:steps] if causal else times[:, k : k + 1]
+            mean, log_std = self._guided_step(inputs, t_in, t_out, steps, y, y_mask, cfg)
+            u = mean + temperature * torch.exp(log_std) * noise()
+            history.append(u)
+        x = self.untransport(u, times[:, 0], steps)
+        if return_trajectory:
+            return x, torch.stack(history[::-1], dim=1)
+        return x
+
+    def _guided_step(self, inputs, t_in, t_out, steps, y, y_mask, cfg) -> tuple[Tensor, Tensor]:
+        """The first level's Gaussian, with guidance when ``cfg != 0``."""
+        if not cfg:
+            mean, log_std = self.gaussian(inputs, t_in, t_out, steps, y, y_mask)
+            return mean[:, 0], log_std[:, 0]
+        batch = inputs.shape[0]
+        drop = torch.arange(2 * batch, device=inputs.device) >= batch  # [conditional, null]
+        twice = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
+        mean, log_std = self.gaussian(
+            twice(inputs), twice(t_in), twice(t_out), steps, twice(y), twice(y_mask), drop
+        )
+        mean_c, mean_u = mean[:, 0].chunk(2)
+        std_c, std_u = torch.exp(log_std[:, 0]).chunk(2)
+        mean, std = guided_gaussian(mean_c, std_c, mean_u, std_u, cfg)
+        return mean, torch.log(std)
+
+    # ----------------------------------------------------------------- flow-matching init
+    @classmethod
+    def from_flow_matching(
+        cls,
+        fm: nn.Module,
+        transporter: Sequential | None = None,
+        schedule: ScheduleConfig | None = None,
+        no_delta_mean: bool = False,
+        aux_weight: float = 2.5,
+        aux_steps: int = 1000,
+        **kwargs,
+    ) -> NTM:
+        """Initialises an NTM from a trained :class:`~trajflow.flow_matching.FlowMatching` (§6).
+
+        The predictor is a copy of the velocity network (``x̂_0 = u_t - t v``, ``μ = μ_post``),
+        ``δ`` starts at zero and the transporter should start as the identity, so at step 0
+        the NTM *is* the FM model's Gaussian ancestral sampler. A frozen copy of the FM network
+        gives the mean-alignment loss ``‖μ_P - μ_FM‖²`` with weight ``aux_weight``
+        cosine-decayed to 0 over ``aux_steps``.
+
+        Args:
+            fm: The flow-matching model (its ``net`` must have ``target="velocity"``).
+            transporter: Identity-initialised transporter (``None``: identity).
+            no_delta_mean: Keep ``μ_P = μ_post`` exactly: only ``δ`` and the transporter learn.
+            aux_weight: λ at step 0. aux_steps: Steps of the cosine decay.
+        """
+        if fm.net.target != "velocity":
+            raise ValueError("from_flow_matching expects a velocity network (target='velocity')")
+        schedule = fm.schedule if schedule is None else schedule
+        model = cls(transporter, copy.deepcopy(fm.net), schedule, **kwargs)
+        model.teacher = copy.deepcopy(fm.net).requires_grad_(False).eval()
+        model.aux_weight, model.aux_steps = aux_weight, aux_steps
+        if no_delta_mean:
+            for name, parameter in model.predictor.named_parameters():
+                parameter.requires_grad_(name.startswith("delta_head"))
+        return model
+
+    def aux_weight_at(self, step: int) -> float:
+        """λ cosine-decayed from ``aux_weight`` at step 0 to 0 at ``aux_steps``."""
+        if self.aux_steps <= 0:
+            return self.aux_weight
+        progress = min(step / self.aux_steps, 1.0)
+        return self.aux_weight * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _alignment_loss(self, trajectory, times, steps, y, y_mask, drop) -> Tensor:
+        """``‖μ_P - μ_FM‖²`` per dimension, ``μ_FM`` from the frozen FM network in x-space."""
+        x_in, t_in, t_out = trajectory[:, 1:], times[:, 1:], times[:, :-1]
+        u, _ = self.transport(trajectory[:, :-1], times[:, :-1], steps)
+        u_in = torch.cat([u[:, 1:], trajectory[:, -1:]], dim=1)
+        mean, _ = self.gaussian(u_in, t_in, t_out, steps, y, y_mask, drop)
+        with torch.no_grad():
+            velocity, _ = self.teacher(x_in, t_in.to(x_in.dtype), None, None, y, y_mask, drop)
+            target = posterior_mean_from_velocity(
+                x_in.flatten(0, 1), velocity.flatten(0, 1), t_out.flatten(), t_in.flatten()
+            ).unflatten(0, x_in.shape[:2])
+        return (mean - target).square().mean()
+
+    # ----------------------------------------------------------------- checks
+    @staticmethod
+    def _check_mode(mode: str, predictor: Predictor) -> None:
+        if mode == "pairwise" and getattr(predictor, "level_attention", "markov") == "causal":
+            raise ValueError(
+                "pairwise mode needs a markov predictor: with level_attention='causal' step k "
+                "reads every noisier level, which a single pair does not hold"
+            )
+
+    def _check_data(self, x: Tensor) -> None:
+        if not x.is_floating_point():
+            raise TypeError(f"NTM expected floating-point data, got dtype {x.dtype}")
+        if tuple(x.shape[1:]) != self.event_shape:
+            raise ValueError(
+                f"NTM expected data of shape (B, {', '.join(map(str, self.event_shape))}), got {tuple(x.shape)}"
+            )
+
+    def _check_levels(self, trajectory: Tensor, times: Tensor) -> None:
+        if (
+            trajectory.dim() != 2 + len(self.event_shape)
+            or tuple(trajectory.shape[2:]) != self.event_shape
+        ):
+            raise ValueError(
+                f"expected a trajectory of shape (B, T + 1, {', '.join(map(str, self.event_shape))}), "
+                f"got {tuple(trajectory.shape)}"
+            )
+        if times.shape != trajectory.shape[:2] or times.shape[1] < 2:
+            raise ValueError(
+                f"expected times of shape {tuple(trajectory.shape[:2])} with T >= 1, got {tuple(times.shape)}"
+            )
