@@ -1,0 +1,410 @@
+"""Checkpoints: a folder with ``config.json`` and ``weights.safetensors``; loading never unpickles.
+
+``config.json`` holds everything that is JSON: the :class:`~trajflow.config.ModelConfig` the
+model is rebuilt from, the training config, the step, optimizer hyper-parameters
+(``param_groups``), the scheduler state, RNG states (as lists of integers) and any ``extra``
+state. ``weights.safetensors`` holds every tensor under a string key: ``model/<name>``,
+``ema/<name>`` (the averaged copy, if any) and ``optimizer/<param index>/<state name>``.
+
+A checkpoint is written into a temporary folder next to its destination, synced to disk,
+then renamed into place, so a crash never leaves a half-written checkpoint at ``path``.
+
+Example:
+    >>> import tempfile
+    >>> from trajflow.config import ModelConfig
+    >>> config = ModelConfig(
+    ...     predictor={"name": "mlp", "kwargs": {"features": 2, "hidden_features": [16]}}
+    ... )
+    >>> model = config.build()
+    >>> folder = Path(tempfile.mkdtemp()) / "checkpoint"
+    >>> _ = save_checkpoint(folder, model, config, step=7)
+    >>> sorted(p.name for p in folder.iterdir())
+    ['config.json', 'weights.safetensors']
+    >>> loaded, state = load_checkpoint(folder)
+    >>> state.step, state.model_config == config
+    (7, True)
+    >>> all(torch.equal(a, b) for a, b in zip(model.parameters(), loaded.parameters()))
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from trajflow.config import ModelConfig
+
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "CheckpointState",
+    "capture_rng_state",
+    "checkpoint_name",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "restore_rng_state",
+    "restore_training_state",
+    "save_checkpoint",
+]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+FORMAT = "trajflow-checkpoint"
+VERSION = 1
+_TENSOR = "__tensor__"  # marks a JSON value whose tensor lives in weights.safetensors
+_PREFIX = "step_"
+
+
+@dataclasses.dataclass
+class CheckpointState:
+    """Everything :func:`load_checkpoint` read besides the model.
+
+    Attributes:
+        model_config: The config the model was rebuilt from (``None`` if none was saved).
+        train_config: The training config as a plain dict (``None`` if none was saved).
+        step: Number of training steps taken when the checkpoint was written.
+        optimizer: An ``optimizer.state_dict()`` ready for ``load_state_dict`` (or ``None``).
+        scheduler: A ``scheduler.state_dict()`` (or ``None``).
+        ema: The EMA model's ``state_dict`` (or ``None``).
+        rng: Global RNG states, see :func:`capture_rng_state` (or ``None``).
+        extra: Free-form JSON state saved by the caller.
+    """
+
+    model_config: ModelConfig | None
+    train_config: dict[str, Any] | None
+    step: int
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    ema: dict[str, Tensor] | None = None
+    rng: dict[str, Any] | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- RNG states
+def capture_rng_state() -> dict[str, Any]:
+    """The global RNG states (torch CPU and CUDA, Python, NumPy) as JSON-able lists."""
+    numpy_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state().tolist(),
+        "python": _jsonable(random.getstate()),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restores what :func:`capture_rng_state` captured (CUDA only if the device count matches)."""
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
+
+
+# --------------------------------------------------------------------------- saving
+def _jsonable(value: Any, where: str = "state") -> Any:
+    """Tuples become lists; anything that JSON cannot hold raises a TypeError naming it."""
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    raise TypeError(
+        f"cannot save {where} in a checkpoint: expected JSON data (numbers, strings, lists, "
+        f"dicts), got {type(value).__name__}"
+    )
+
+
+def _cpu_copy(tensor: Tensor) -> Tensor:
+    # A copy, so that tensors sharing storage (tied weights) save independently.
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def _split_optimizer(state_dict: Mapping[str, Any], tensors: dict[str, Tensor]) -> dict:
+    """JSON part of an optimizer state; its tensors go to ``tensors`` under string keys."""
+    state = {}
+    for index, values in state_dict["state"].items():
+        entry = {}
+        for name, value in values.items():
+            if isinstance(value, Tensor):
+                key = f"optimizer/{index}/{name}"
+                tensors[key] = _cpu_copy(value)
+                entry[name] = {_TENSOR: key}
+            else:
+                entry[name] = _jsonable(value, f"optimizer.state[{index}].{name}")
+        state[str(index)] = entry
+    groups = _jsonable(state_dict["param_groups"], "optimizer.param_groups")
+    return {"state": state, "param_groups": groups}
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file, or a folder's entries, to disk (folders cannot be synced everywhere)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    model_config: ModelConfig | None,
+    train_config: BaseModel | Mapping[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: nn.Module | None = None,
+    step: int = 0,
+    extra: Mapping[str, Any] | None = None,
+    rng: bool = True,
+) -> Path:
+    """Writes a checkpoint folder atomically.
+
+    The folder is assembled under a temporary name in ``path``'s parent, its files and the
+    folder are fsynced, and it is renamed to ``path``. An existing checkpoint at ``path`` is
+    replaced only once the new one is complete (it is moved aside, the new folder renamed in,
+    then the old one deleted). On any error the temporary folder is removed and ``path`` is
+    left as it was.
+
+    Args:
+        path: Destination folder.
+        model: The model; its ``state_dict`` is saved under ``model/``.
+        model_config: Config to rebuild the model with (``None``: load it into a model you
+            build yourself, see :func:`load_checkpoint`).
+        train_config: Training config (a pydantic model or a JSON-able mapping).
+        optimizer: Optimizer whose state to save (hyper-parameters in JSON, moments as tensors).
+        scheduler: LR scheduler whose (JSON-able) ``state_dict`` to save.
+        ema: The exponential-moving-average copy of the model, saved under ``ema/``.
+        step: Training steps taken so far.
+        extra: More JSON-able state of the caller.
+        rng: Also save the global RNG states.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        TypeError: If some state is not JSON-able (the message names it) or ``model_config``
+            is not a :class:`~trajflow.config.ModelConfig`.
+    """
+    path = Path(path)
+    if model_config is not None and not isinstance(model_config, ModelConfig):
+        raise TypeError(f"expected model_config to be a ModelConfig, got {type(model_config)}")
+    tensors = {f"model/{k}": _cpu_copy(v) for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema/{k}": _cpu_copy(v) for k, v in ema.state_dict().items()})
+    if isinstance(train_config, BaseModel):
+        train_config = train_config.model_dump(mode="json")
+    config = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(step),
+        "model_config": None if model_config is None else model_config.model_dump(mode="json"),
+        "train_config": _jsonable(train_config, "train_config"),
+        "optimizer": None
+        if optimizer is None
+        else _split_optimizer(optimizer.state_dict(), tensors),
+        "scheduler": None if scheduler is None else _jsonable(scheduler.state_dict(), "scheduler"),
+        "ema": ema is not None,
+        "rng": _jsonable(capture_rng_state(), "rng") if rng else None,
+        "extra": _jsonable(dict(extra or {}), "extra"),
+    }
+    text = json.dumps(config, indent=2)  # serialise before touching the disk
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        with open(temporary / CONFIG_FILE, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        safetensors.torch.save_file(
+            tensors, temporary / WEIGHTS_FILE, metadata={"format": "pt", "step": str(step)}
+        )
+        _fsync(temporary / WEIGHTS_FILE)
+        _fsync(temporary)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(temporary, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temporary, path)
+        _fsync(path.parent)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- loading
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a trajflow checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it"
+        )
+    config = json.loads(config_file.read_text())
+    if config.get("format") != FORMAT or config.get("version") != VERSION:
+        raise ValueError(
+            f"{config_file}: expected format {FORMAT!r} version {VERSION}, got "
+            f"{config.get('format')!r} version {config.get('version')!r}"
+        )
+    return config, safetensors.torch.load_file(weights_file)
+
+
+def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _join_optimizer(saved: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict:
+    state = {}
+    for index, values in saved["state"].items():
+        state[int(index)] = {
+            name: tensors[value[_TENSOR]] if isinstance(value, dict) and _TENSOR in value else value
+            for name, value in values.items()
+        }
+    groups = []
+    for group in saved["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):  # JSON turned the tuple into a list
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, CheckpointState]:
+    """Loads a checkpoint written by :func:`save_checkpoint` (no pickle is ever run).
+
+    Args:
+        path: The checkpoint folder.
+        model: Load the weights into this model instead of rebuilding one from the saved
+            :class:`~trajflow.config.ModelConfig` (needed if none was saved).
+        device: Where to put the model (default: where it is, i.e. CPU for a rebuilt model).
+
+    Returns:
+        The model (weights loaded strictly) and a :class:`CheckpointState` with the rest.
+
+    Raises:
+        FileNotFoundError: If ``path`` lacks ``config.json`` or ``weights.safetensors``.
+        ValueError: If the folder is not a trajflow checkpoint, or no model is given and no
+            model config was saved.
+        RuntimeError: If the weights do not match the model (missing or unexpected keys).
+    """
+    path = Path(path)
+    config, tensors = _read(path)
+    model_config = config["model_config"]
+    model_config = None if model_config is None else ModelConfig.model_validate(model_config)
+    if model is None:
+        if model_config is None:
+            raise ValueError(f"{path} has no model config: pass the model to load the weights into")
+        model = model_config.build()
+    model.load_state_dict(_prefixed(tensors, "model/"), strict=True)
+    if device is not None:
+        model = model.to(device)
+    saved_optimizer = config.get("optimizer")
+    state = CheckpointState(
+        model_config=model_config,
+        train_config=config.get("train_config"),
+        step=int(config["step"]),
+        optimizer=None if saved_optimizer is None else _join_optimizer(saved_optimizer, tensors),
+        scheduler=config.get("scheduler"),
+        ema=_prefixed(tensors, "ema/") if config.get("ema") else None,
+        rng=config.get("rng"),
+        extra=config.get("extra") or {},
+    )
+    return model, state
+
+
+def restore_training_state(
+    state: CheckpointState,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: nn.Module | None = None,
+    rng: bool = True,
+) -> None:
+    """Puts the optimizer, scheduler, EMA model and global RNGs back as they were saved.
+
+    Build the optimizer (and the scheduler on it) over the loaded model's parameters in the
+    same order as when saving, then call this. Moment tensors move to their parameters'
+    devices.
+
+    Raises:
+        ValueError: If something to restore was not saved in the checkpoint.
+    """
+    for name, target, saved in (
+        ("optimizer", optimizer, state.optimizer),
+        ("scheduler", scheduler, state.scheduler),
+        ("ema", ema, state.ema),
+    ):
+        if target is not None and saved is None:
+            raise ValueError(f"the checkpoint holds no {name} state to restore")
+    if optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    if scheduler is not None:
+        scheduler.load_state_dict(state.scheduler)
+    if ema is not None:
+        ema.load_state_dict(state.ema, strict=True)
+    if rng and state.rng is not None:
+        restore_rng_state(state.rng)
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint after ``step`` steps in a run directory: ``step_00000100``."""
+    return f"{_PREFIX}{step:08d}"
+
+
+def latest_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: ``path`` itself if it is one, else its newest ``step_*``.
+
+    Only complete checkpoints count (temporary folders of an interrupted save are hidden and
+    never match).
+
+    Example:
+        >>> latest_checkpoint(tempfile.mkdtemp()) is None
+        True
+    """
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    found = [
+        (int(child.name[len(_PREFIX) :]), child)
+        for child in (path.iterdir() if path.is_dir() else ())
+        if child.name.startswith(_PREFIX)
+        and child.name[len(_PREFIX) :].isdigit()
+        and (child / CONFIG_FILE).is_file()
+        and (child / WEIGHTS_FILE).is_file()
+    ]
+    return max(found)[1] if found else None

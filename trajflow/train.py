@@ -1,0 +1,518 @@
+"""The training loop: AdamW, warmup + cosine, clipping, NaN-step skipping, EMA, exact resume.
+
+Works for any model with ``loss(x0, step=..., generator=...)`` returning an object with a
+scalar ``.loss`` (:class:`~trajflow.ntm.NTM`, :class:`~trajflow.flow_matching.FlowMatching`).
+Every random draw of step ``i`` comes from seeds derived from ``(seed, i)``: the data batch and
+a per-step ``torch.Generator`` passed to ``model.loss``. Together with checkpoints of the
+optimizer and scheduler this makes resuming exact: ``k`` steps, save, load and continue to
+``N`` gives bitwise the parameters of ``N`` steps in one go.
+
+Launched under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
+DistributedDataParallel (gloo on CPU, nccl on CUDA), every rank takes its slice of the step's
+batch, and only rank 0 writes checkpoints.
+
+Example:
+    >>> from trajflow.config import ModelConfig
+    >>> model_config = ModelConfig(
+    ...     predictor={"name": "mlp", "kwargs": {"features": 2, "hidden_features": [32]}},
+    ...     transporter=[{"name": "affine_coupling",
+    ...                   "kwargs": {"features": 2, "time_features": 8, "hidden_features": [16]}}],
+    ... )
+    >>> config = TrainConfig(iterations=5, batch_size=64, warmup_steps=2, ema_decay=0.9)
+    >>> result = train(model_config=model_config, config=config, progress=False)
+    >>> result.step, len(result.losses), result.skipped_steps, result.ema is not None
+    (5, 5, 0, True)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from trajflow.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+)
+from trajflow.config import ModelConfig
+from trajflow.data import DATASETS, sample_dataset
+
+__all__ = [
+    "DataFn",
+    "TrainConfig",
+    "TrainResult",
+    "WarmupCosine",
+    "step_seed",
+    "toy_model_config",
+    "train",
+    "update_ema",
+]
+
+#: ``data_fn(step, batch_size) -> Tensor``: the clean batch of a step (deterministic in step).
+DataFn = Callable[[int, int], Tensor]
+
+
+class TrainConfig(BaseModel):
+    """Hyper-parameters and bookkeeping of a training run.
+
+    Attributes:
+        iterations: Total optimisation steps (a resumed run continues up to this).
+        batch_size: Global batch size (split across ranks under torchrun).
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW's decoupled weight decay.
+        betas: AdamW's moment decays.
+        warmup_steps: Steps of linear warmup from ``lr / warmup_steps`` to ``lr``.
+        min_lr_ratio: The cosine decays the rate to ``min_lr_ratio · lr``.
+        grad_clip: Clip the global gradient norm to this (``None``: no clipping).
+        ema_decay: Decay of the parameter EMA (``None``: no EMA).
+        checkpoint_every: Write a checkpoint every this many steps (``None``: only at the end);
+            needs ``out_dir``.
+        out_dir: Folder of the ``step_XXXXXXXX`` checkpoints (``None``: no checkpoints).
+        seed: Seeds the data and model randomness of every step.
+        log_every: Steps between progress-bar and history updates.
+        dataset: Registered toy dataset (``DATASETS``) of the default ``data_fn``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``… or ``"auto"`` (CUDA when available).
+
+    Example:
+        >>> TrainConfig(iterations=10).betas
+        (0.9, 0.95)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int = Field(1000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    checkpoint_every: int | None = Field(None, ge=1)
+    out_dir: str | None = None
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+    dataset: str = "checkerboard"
+    device: str = "cpu"
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        return betas
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS.names())}")
+        return name
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, device: str) -> str:
+        if device != "auto":
+            try:
+                torch.device(device)
+            except RuntimeError as error:
+                raise ValueError(f"expected 'auto' or a torch device string: {error}") from None
+        return device
+
+
+def toy_model_config(features: int = 2) -> ModelConfig:
+    """A small NTM for toy vector data: 4 time-conditioned affine couplings and an MLP predictor.
+
+    The couplings alternate parity so that every coordinate is transformed; they start as the
+    identity, so the untrained model is a Gaussian reverse chain with learned variance.
+
+    Example:
+        >>> config = toy_model_config()
+        >>> config.kind, len(config.transporter), config.predictor.name
+        ('ntm', 4, 'mlp')
+    """
+    coupling = {"features": features, "time_features": 16, "hidden_features": [64, 64]}
+    return ModelConfig(
+        kind="ntm",
+        predictor={
+            "name": "mlp",
+            "kwargs": {"features": features, "hidden_features": [128, 128], "time_features": 32},
+        },
+        transporter=[
+            {"name": "affine_coupling", "kwargs": {**coupling, "parity": layer % 2 == 1}}
+            for layer in range(4)
+        ],
+    )
+
+
+class WarmupCosine:
+    """Learning-rate multiplier: linear warmup, then a cosine down to ``min_lr_ratio``.
+
+    ``(i + 1) / warmup_steps`` for steps ``i < warmup_steps``, then
+    ``r + (1 - r) · ½(1 + cos(π p))`` with ``p = (i - warmup) / (iterations - warmup)``
+    (clamped to 1). A class rather than a lambda, so schedulers holding it can be pickled
+    and its settings appear in the scheduler's ``state_dict``.
+
+    Example:
+        >>> schedule = WarmupCosine(iterations=10, warmup_steps=2, min_lr_ratio=0.0)
+        >>> [round(schedule(i), 3) for i in (0, 1, 2, 6, 10)]
+        [0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+
+    def __init__(self, iterations: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+        self.iterations = iterations
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min((step - self.warmup_steps) / max(self.iterations - self.warmup_steps, 1), 1)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
+
+
+def step_seed(seed: int, step: int, stream: str = "data") -> int:
+    """A 63-bit seed derived from ``(seed, stream, step)``, the same in every process.
+
+    Streams keep the data and the model's noise independent (``"data"``, ``"model/<rank>"``).
+
+    Example:
+        >>> step_seed(0, 5) == step_seed(0, 5), step_seed(0, 5) == step_seed(0, 6)
+        (True, False)
+    """
+    digest = hashlib.blake2b(f"{seed}/{stream}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema ← decay · ema + (1 - decay) · model`` for parameters; buffers are copied.
+
+    Example:
+        >>> ema, model = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+        >>> _ = ema.weight.data.fill_(0.0), model.weight.data.fill_(1.0)
+        >>> update_ema(ema, model, decay=0.9)
+        >>> round(ema.weight.item(), 6)
+        0.1
+    """
+    for average, parameter in zip(ema.parameters(), model.parameters(), strict=True):
+        average.lerp_(parameter.detach(), 1 - decay)
+    for average, buffer in zip(ema.buffers(), model.buffers(), strict=True):
+        average.copy_(buffer)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: The trained model (unwrapped from DDP).
+        ema: The EMA copy of the model, or ``None``.
+        step: Steps completed (``config.iterations``).
+        losses: Loss of every step run by this call (NaN/inf ones included as they came).
+        skipped_steps: Steps skipped for a non-finite loss or gradient norm, over the whole
+            run (a resumed run includes those before the checkpoint).
+        skipped_at: Their step indices.
+        final_loss: Mean of the finite losses of the last ``log_every`` steps.
+        wall_time: Seconds spent in this call's training loop.
+        checkpoints: Checkpoint folders written by this call.
+        history: Every ``log_every`` steps: step, mean loss, learning rate and gradient norm.
+    """
+
+    model: nn.Module
+    ema: nn.Module | None
+    step: int
+    losses: list[float]
+    skipped_steps: int
+    skipped_at: list[int]
+    final_loss: float
+    wall_time: float
+    checkpoints: list[Path]
+    history: list[dict[str, float]]
+
+
+class _Loss(nn.Module):
+    """Calls ``model.loss`` from ``forward``, so DDP's gradient hooks see the call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0: Tensor, step: int, generator: torch.Generator) -> Tensor:
+        loss = self.model.loss(x0, step=step, generator=generator).loss
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise TypeError(
+                f"expected model.loss(...).loss to be a scalar tensor, got {type(loss).__name__}"
+                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
+            )
+        return loss
+
+
+@dataclasses.dataclass
+class _Processes:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    created_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def _setup_processes(device: str) -> tuple[_Processes, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world <= 1:
+        return _Processes(), torch.device(device)
+    processes = _Processes(
+        rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", 0))
+    )
+    target = torch.device(device)
+    if target.type == "cuda":
+        target = torch.device("cuda", processes.local_rank)
+        torch.cuda.set_device(target)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
+        processes.created_group = True
+    return processes, target
+
+
+def _default_data(config: TrainConfig) -> DataFn:
+    def data_fn(step: int, batch_size: int) -> Tensor:
+        return sample_dataset(config.dataset, batch_size, seed=step_seed(config.seed, step))
+
+    return data_fn
+
+
+def _grad_norm(parameters: list[nn.Parameter], clip: float | None) -> Tensor:
+    if clip is not None:
+        return nn.utils.clip_grad_norm_(parameters, clip)
+    norms = [torch.linalg.vector_norm(p.grad) for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def train(
+    model: nn.Module | None = None,
+    config: TrainConfig | dict[str, Any] | None = None,
+    data_fn: DataFn | None = None,
+    model_config: ModelConfig | None = None,
+    resume: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Trains ``model`` for ``config.iterations`` steps (or up to them, when resuming).
+
+    Each step: the batch ``data_fn(i, batch_size)``, ``model.loss(x0, step=i, generator=g_i)``
+    with ``g_i`` seeded from ``(seed, i)``, backward, gradient clipping, and an AdamW update
+    unless the loss or the gradient norm is NaN/inf — such steps are counted and never
+    applied (the learning-rate schedule still advances, so it depends on the step index
+    only). The EMA copy, if any, is updated after every applied step.
+
+    Args:
+        model: The model; ``None`` builds it from ``model_config`` (or from the checkpoint's
+            config when resuming).
+        config: A :class:`TrainConfig` (or a dict of its fields); default ``TrainConfig()``.
+        data_fn: ``(step, batch_size) -> Tensor`` of clean data; must be deterministic in
+            ``step`` for exact resume. Default: ``config.dataset`` drawn with a seed derived
+            from ``(seed, step)``.
+        model_config: Saved in checkpoints so :func:`~trajflow.checkpoint.load_checkpoint` can
+            rebuild the model; builds the model if ``model`` is ``None``.
+        resume: A checkpoint folder, or a run folder whose newest ``step_*`` checkpoint to
+            continue from. Weights, optimizer, scheduler, EMA and RNG states are restored;
+            optimizer hyper-parameters come from the checkpoint, the schedule from ``config``.
+        progress: Show a tqdm progress bar (rank 0 only).
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ValueError: If there is no model to train, ``resume`` holds no checkpoint, or the batch
+            does not split evenly across ranks.
+        TypeError: If the model has no ``loss`` method or ``data_fn`` returns no tensor.
+    """
+    if config is None:
+        config = TrainConfig()
+    elif not isinstance(config, TrainConfig):
+        config = TrainConfig.model_validate(config)
+    processes, device = _setup_processes(config.device)
+    try:
+        return _train(model, config, data_fn, model_config, resume, progress, processes, device)
+    finally:
+        if processes.created_group:
+            dist.destroy_process_group()
+
+
+def _train(model, config, data_fn, model_config, resume, progress, processes, device):
+    state = None
+    if resume is not None:
+        checkpoint = latest_checkpoint(resume)
+        if checkpoint is None:
+            raise ValueError(f"no checkpoint to resume from in {resume}")
+        if model is None and model_config is not None:
+            model = model_config.build()  # strict loading then checks it matches the checkpoint
+        model, state = load_checkpoint(checkpoint, model=model)
+        model_config = model_config or state.model_config
+    elif model is None:
+        if model_config is None:
+            raise ValueError("train needs a model, a model_config or a checkpoint to resume")
+        model = model_config.build()
+    if not callable(getattr(model, "loss", None)):
+        raise TypeError(f"expected a model with a loss(x0, step=, generator=) method, got {model}")
+    if config.batch_size % processes.world:
+        raise ValueError(
+            f"batch_size {config.batch_size} must be divisible by the {processes.world} processes"
+        )
+    model = model.to(device)
+    data_fn = data_fn or _default_data(config)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+    schedule = WarmupCosine(config.iterations, config.warmup_steps, config.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ema = None
+    if config.ema_decay is not None:
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+
+    start, skipped_at = 0, []
+    if state is not None:
+        if ema is not None and state.ema is None:
+            warnings.warn(
+                "the checkpoint has no EMA: it starts from the loaded weights", stacklevel=2
+            )
+        restore_training_state(
+            state, optimizer, scheduler, ema if state.ema is not None else None, rng=True
+        )
+        # The loaded scheduler carries the saved schedule's settings; follow this config's,
+        # which for the same config gives bitwise the same rates.
+        scheduler.lr_lambdas = [schedule]
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * schedule(scheduler.last_epoch)
+        start = state.step
+        skipped_at = list(state.extra.get("skipped_at", []))
+
+    loss_module: nn.Module = _Loss(model)
+    if processes.distributed:
+        loss_module = nn.parallel.DistributedDataParallel(
+            loss_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # FlowMatching never uses its predictor's (t_out, T) path.
+            find_unused_parameters=True,
+        )
+        if ema is not None and (state is None or state.ema is None):
+            # DDP broadcast rank 0's weights into the model: average from those.
+            ema.load_state_dict(model.state_dict())
+    local = config.batch_size // processes.world
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    writes = config.out_dir is not None and processes.rank == 0
+
+    losses: list[float] = []
+    history: list[dict[str, float]] = []
+    checkpoints: list[Path] = []
+    window: list[float] = []
+    bar = tqdm(
+        total=config.iterations,
+        initial=start,
+        disable=not progress or processes.rank != 0,
+        desc="train",
+        dynamic_ncols=True,
+    )
+    began = time.perf_counter()
+    model.train()
+    for step in range(start, config.iterations):
+        batch = data_fn(step, config.batch_size)
+        if not isinstance(batch, Tensor) or batch.shape[:1] != (config.batch_size,):
+            raise TypeError(
+                f"expected data_fn({step}, {config.batch_size}) to return a tensor with "
+                f"{config.batch_size} rows, got {getattr(batch, 'shape', type(batch).__name__)}"
+            )
+        batch = batch[processes.rank * local : (processes.rank + 1) * local]
+        batch = batch.to(device=device, dtype=dtype if batch.is_floating_point() else None)
+        generator = torch.Generator().manual_seed(
+            step_seed(config.seed, step, f"model/{processes.rank}")
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_module(batch, step, generator)
+        # Backward even when the loss is not finite: under DDP every rank must join the
+        # gradient all-reduce; the update is skipped below.
+        loss.backward()
+        norm = _grad_norm(parameters, config.grad_clip)
+        stats = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)])
+        bad = (~torch.isfinite(stats)).any().float()
+        if processes.distributed:  # a NaN on one rank skips the step everywhere
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        loss_value, norm_value, bad_value = torch.cat([stats, bad[None]]).tolist()  # one sync
+        if bad_value == 0:
+            optimizer.step()
+            if ema is not None:
+                update_ema(ema, model, config.ema_decay)
+            window.append(loss_value)
+        else:
+            skipped_at.append(step)
+        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():
+            # After a skipped first step torch warns that the optimizer has not stepped yet;
+            # advancing the schedule anyway is intended (it depends on the step index only).
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
+            scheduler.step()
+        losses.append(loss_value)
+        done = step + 1
+        bar.update(1)
+        if done % config.log_every == 0 or done == config.iterations:
+            mean = sum(window) / len(window) if window else math.nan
+            history.append({"step": done, "loss": mean, "lr": lr, "grad_norm": norm_value})
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", skipped=len(skipped_at))
+            window = []
+        if writes and (
+            done == config.iterations
+            or (config.checkpoint_every is not None and done % config.checkpoint_every == 0)
+        ):
+            checkpoints.append(
+                save_checkpoint(
+                    Path(config.out_dir) / checkpoint_name(done),
+                    model,
+                    model_config,
+                    train_config=config,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    ema=ema,
+                    step=done,
+                    extra={"skipped_at": skipped_at},
+                )
+            )
+    bar.close()
+    wall_time = time.perf_counter() - began
+    tail = [v for v in losses[-config.log_every :] if math.isfinite(v)]
+    return TrainResult(
+        model=model,
+        ema=ema,
+        step=max(start, config.iterations),
+        losses=losses,
+        skipped_steps=len(skipped_at),
+        skipped_at=skipped_at,
+        final_loss=sum(tail) / len(tail) if tail else math.nan,
+        wall_time=wall_time,
+        checkpoints=checkpoints,
+        history=history,
+    )
