@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,3 +35,9 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 @pytest.fixture
 def tolerance(dtype: torch.dtype) -> float:
     return 1e-8 if dtype == torch.float64 else 2e-4
+
+
+# CI runs hypothesis derandomised (a fixed sequence of examples) so that a run is reproducible;
+# locally every run explores new examples.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.load_profile("ci" if os.environ.get("CI") else "default")

@@ -359,6 +359,8 @@ def train(
         return _train(model, config, data_fn, model_config, resume, progress, processes, device)
     finally:
         if processes.created_group:
+            # Wait for rank 0's last checkpoint before tearing gloo/nccl down on every rank.
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -49,6 +49,7 @@ class Coupling(Block):
         parity: Transform the first half instead of the second.
     """
 
+    #: Conditioner outputs per transformed feature (the transform's parameters).
     params_per_feature: int = 1
 
     def __init__(
@@ -99,7 +100,12 @@ class Coupling(Block):
             if kept.dim() == 3:  # broadcast the per-sample context over tokens
                 condition = condition[:, None, :].expand(-1, kept.shape[1], -1)
             kept = torch.cat([kept, condition.to(kept.dtype)], dim=-1)
-        return self.conditioner(kept)
+        return self._run_conditioner(kept)
+
+    def _run_conditioner(self, inputs: Tensor) -> Tensor:
+        """The conditioner's output for the kept features (and context), as
+        :meth:`transform` receives it; subclasses may lay it out differently."""
+        return self.conditioner(inputs)
 
     def _couple(self, x: Tensor, ctx: Context | None, inverse: bool) -> tuple[Tensor, Tensor]:
         check_features(type(self).__name__, x, self.features)
@@ -121,7 +127,9 @@ class Coupling(Block):
     def example(cls, generator: torch.Generator | None = None):
         block = cls(features=5, context_features=3, hidden_features=(16, 16), time_features=8)
         x = torch.randn(4, 5, generator=generator)
-        ctx = Context(t=torch.rand(4, generator=generator), cond=torch.randn(4, 3, generator=generator))
+        ctx = Context(
+            t=torch.rand(4, generator=generator), cond=torch.randn(4, 3, generator=generator)
+        )
         return block, x, ctx
 
 
@@ -147,8 +155,9 @@ class AffineCoupling(Coupling):
     """Affine coupling ``y_b = x_b · exp(a(x_a)) + b(x_a)`` with a soft-clamped log-scale.
 
     Args:
+        features: See :class:`Coupling` (also ``context_features``, ``hidden_features``,
+            ``time_features``, ``parity``).
         scale_bound: The log-scale is ``scale_bound · tanh(raw / scale_bound)``.
-        **kwargs: See :class:`Coupling`.
 
     Example:
         >>> block = AffineCoupling(features=4, context_features=2, hidden_features=(16,))
@@ -160,11 +169,19 @@ class AffineCoupling(Coupling):
 
     params_per_feature = 2
 
-    def __init__(self, features: int, *, scale_bound: float = 3.0, **kwargs):
+    def __init__(
+        self,
+        features: int,
+        context_features: int = 0,
+        hidden_features: Sequence[int] = (64, 64),
+        time_features: int = 0,
+        parity: bool = False,
+        scale_bound: float = 3.0,
+    ):
         if scale_bound <= 0:
             raise ValueError(f"scale_bound must be positive, got {scale_bound}")
         self.scale_bound = scale_bound
-        super().__init__(features, **kwargs)
+        super().__init__(features, context_features, hidden_features, time_features, parity)
 
     def transform(self, x: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         # Affine arithmetic in float32 or wider, even under bf16 autocast.

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -44,13 +45,20 @@ class SplineKnots(NamedTuple):
 
 
 def _normalized_knots(raw: Tensor, bound: float, min_bin: float) -> Tensor:
-    bins = raw.shape[-1]
-    sizes = min_bin + (1 - min_bin * bins) * F.softmax(raw, dim=-1)
-    knots = F.pad(torch.cumsum(sizes, dim=-1), (1, 0))
-    knots = bound * (2 * knots - 1)
+    """Knot positions ``(K + 1, ...)`` from unnormalised bin sizes ``(K, ...)``, bins first.
+
+    Bin ``k`` has the size ``min_bin + (1 - K · min_bin) · softmax(raw)_k`` on ``[0, 1]``,
+    and knot ``i`` sits at ``bound · (2 · Σ_{k<i} size_k - 1)``, computed as one affine map
+    of the cumulative softmax.
+    """
+    bins = raw.shape[0]
+    cumulative = torch.cumsum(F.softmax(raw, dim=0)[:-1], dim=0)
+    index = torch.arange(1, bins, dtype=raw.dtype, device=raw.device)
+    offset = (bound * (2 * min_bin * index - 1)).view(-1, *[1] * (raw.dim() - 1))
+    interior = torch.add(offset, cumulative, alpha=2 * bound * (1 - min_bin * bins))
     # Pin the ends exactly, so rounding in the cumsum never moves the tails.
-    return torch.cat([knots.new_full(knots.shape[:-1] + (1,), -bound), knots[..., 1:-1],
-                      knots.new_full(knots.shape[:-1] + (1,), bound)], dim=-1)
+    end = interior.new_full((1, *interior.shape[1:]), bound)
+    return torch.cat([-end, interior, end], dim=0)
 
 
 def spline_knots(
@@ -63,6 +71,10 @@ def spline_knots(
     min_derivative: float = 1e-3,
 ) -> SplineKnots:
     """Knots from unconstrained parameters (the parameterisation of nflows' linear tails).
+
+    The work runs with the bin axis first in memory: softmax and cumsum over a short last
+    axis are slow on CPU. Inputs that are views of a bins-first tensor (``t.movedim(0, -1)``)
+    are used without a copy, and the knots returned are such views.
 
     Args:
         widths: Unnormalised bin widths, ``(..., K)``; a softmax with a floor ``min_bin_width``.
@@ -82,17 +94,14 @@ def spline_knots(
         )
     if min_bin_width * bins >= 1 or min_bin_height * bins >= 1:
         raise ValueError(f"minimum bin sizes too large for {bins} bins")
-    interior = min_derivative + F.softplus(derivatives)
-    ones = interior.new_ones(interior.shape[:-1] + (1,))
-    return SplineKnots(
-        _normalized_knots(widths, bound, min_bin_width),
-        _normalized_knots(heights, bound, min_bin_height),
-        torch.cat([ones, interior, ones], dim=-1),
+    interior = min_derivative + F.softplus(derivatives.movedim(-1, 0))
+    ones = interior.new_ones((1, *interior.shape[1:]))
+    knots = (
+        _normalized_knots(widths.movedim(-1, 0), bound, min_bin_width),
+        _normalized_knots(heights.movedim(-1, 0), bound, min_bin_height),
+        torch.cat([ones, interior, ones], dim=0),
     )
-
-
-def _gather(values: Tensor, index: Tensor) -> Tensor:
-    return torch.gather(values, -1, index).squeeze(-1)
+    return SplineKnots(*(k.movedim(0, -1) for k in knots))
 
 
 def rational_quadratic_spline(
@@ -114,21 +123,28 @@ def rational_quadratic_spline(
     Returns:
         The outputs and the elementwise ``log|d out / d in|``, both shaped like ``inputs``.
     """
-    lower, upper = (knots_y if inverse else knots_x)[..., 0], (knots_y if inverse else knots_x)[..., -1]
+    # Bins first (views): the search and the gathers then run over whole contiguous slices.
+    knots_x, knots_y, knot_derivatives = (
+        k.movedim(-1, 0) for k in (knots_x, knots_y, knot_derivatives)
+    )
+    search = knots_y if inverse else knots_x
+    lower, upper = search[0], search[-1]
     inside = (inputs >= lower) & (inputs <= upper)
     # Clamp first: the spline branch then never sees a huge input, so neither its value
     # nor its gradient can overflow where torch.where discards it.
-    clamped = torch.minimum(torch.maximum(inputs, lower), upper)[..., None]
+    point = torch.minimum(torch.maximum(inputs, lower), upper)
 
-    search = knots_y if inverse else knots_x
-    index = (clamped >= search[..., 1:-1]).sum(dim=-1, keepdim=True)
-    x0, x1 = _gather(knots_x, index), _gather(knots_x, index + 1)
-    y0, y1 = _gather(knots_y, index), _gather(knots_y, index + 1)
-    d0, d1 = _gather(knot_derivatives, index), _gather(knot_derivatives, index + 1)
+    # Bin of each point: how many interior knots lie at or below it. Counting in uint8 while
+    # the count fits (int32 beyond) avoids converting every comparison to int64 first.
+    count = torch.uint8 if search.shape[0] <= 256 else torch.int32
+    index = (point >= search[1:-1]).sum(dim=0, keepdim=True, dtype=count).long()
+    following = index + 1
+    x0, x1 = knots_x.gather(0, index)[0], knots_x.gather(0, following)[0]
+    y0, y1 = knots_y.gather(0, index)[0], knots_y.gather(0, following)[0]
+    d0, d1 = knot_derivatives.gather(0, index)[0], knot_derivatives.gather(0, following)[0]
     width, height = x1 - x0, y1 - y0
     slope = height / width
     curvature = d0 + d1 - 2 * slope
-    point = clamped.squeeze(-1)
 
     if inverse:
         offset = point - y0
@@ -143,14 +159,14 @@ def rational_quadratic_spline(
     else:
         xi = ((point - x0) / width).clamp(0, 1)
 
-    xi_1m = xi * (1 - xi)
+    xi_sq, xi_1m, rest = xi * xi, xi * (1 - xi), 1 - xi
     denominator = slope + curvature * xi_1m
-    derivative = slope**2 * (d1 * xi**2 + 2 * slope * xi_1m + d0 * (1 - xi) ** 2) / denominator**2
-    log_derivative = torch.log(derivative)
+    numerator = d1 * xi_sq + 2 * slope * xi_1m + d0 * rest * rest
+    log_derivative = torch.log((slope / denominator) ** 2 * numerator)
 
     if inverse:
         return torch.where(inside, spline, inputs), torch.where(inside, -log_derivative, 0.0)
-    spline = y0 + height * (slope * xi**2 + d0 * xi_1m) / denominator
+    spline = y0 + height * (slope * xi_sq + d0 * xi_1m) / denominator
     return torch.where(inside, spline, inputs), torch.where(inside, log_derivative, 0.0)
 
 
@@ -159,13 +175,13 @@ class SplineCoupling(Coupling):
     """Coupling with an elementwise monotone rational-quadratic spline on ``[-bound, bound]``.
 
     Args:
-        features: See :class:`~trajflow.blocks.coupling.Coupling`.
+        features: See :class:`~trajflow.blocks.coupling.Coupling` (also ``context_features``,
+            ``hidden_features``, ``time_features``, ``parity``).
         bins: Number of spline bins ``K``.
         bound: Half-width of the spline's domain; identity tails outside.
         min_bin_width: Floor of each bin's width, as a fraction of the domain.
         min_bin_height: Floor of each bin's height.
         min_derivative: Floor of each interior knot derivative.
-        **kwargs: ``context_features``, ``hidden_features``, ``time_features``, ``parity``.
 
     Example:
         >>> block = SplineCoupling(features=4, bins=8, bound=3.0, hidden_features=(32,))
@@ -177,13 +193,15 @@ class SplineCoupling(Coupling):
     def __init__(
         self,
         features: int,
-        *,
+        context_features: int = 0,
+        hidden_features: Sequence[int] = (64, 64),
+        time_features: int = 0,
+        parity: bool = False,
         bins: int = 8,
         bound: float = 5.0,
         min_bin_width: float = 1e-3,
         min_bin_height: float = 1e-3,
         min_derivative: float = 1e-3,
-        **kwargs,
     ):
         if bins < 2:
             raise ValueError(f"spline_coupling needs bins >= 2, got {bins}")
@@ -195,7 +213,7 @@ class SplineCoupling(Coupling):
         self.min_bin_height = min_bin_height
         self.min_derivative = min_derivative
         self.params_per_feature = 3 * bins - 1
-        super().__init__(features, **kwargs)
+        super().__init__(features, context_features, hidden_features, time_features, parity)
 
     def reset_identity_bias(self) -> None:
         # softplus(c) = 1 - min_derivative makes every knot derivative 1: with uniform
@@ -204,13 +222,40 @@ class SplineCoupling(Coupling):
         bias = self.conditioner[-1].bias.data.view(self.transformed, self.params_per_feature)
         bias[:, 2 * self.bins :] = identity
 
+    def _run_conditioner(self, inputs: Tensor) -> Tensor:
+        # The conditioner's outputs are ordered (feature, parameter); running its last layer
+        # with the rows reordered gives the same numbers parameter-major, (3K - 1, n): each
+        # parameter is then a contiguous slab of features and the spline math runs over long
+        # contiguous rows, with no transposing copy of the (large) output.
+        *hidden, last = self.conditioner
+        for layer in hidden:
+            inputs = layer(inputs)
+        shape = (self.transformed, self.params_per_feature)
+        weight = last.weight.unflatten(0, shape).transpose(0, 1).flatten(0, 1)
+        bias = last.bias.view(shape).t().flatten()
+        return F.linear(inputs, weight, bias)
+
     def knots(self, params: Tensor) -> SplineKnots:
-        """Knots from the conditioner output, shape ``(..., n * (3K - 1))`` → ``(..., n, K + 1)``."""
-        params = params.unflatten(-1, (-1, self.params_per_feature))
-        widths, heights, derivatives = params.split([self.bins, self.bins, self.bins - 1], dim=-1)
+        """Knots from parameter-major conditioner output.
+
+        Args:
+            params: Shape ``(..., (3K - 1) · n)``, ordered (parameter, feature): all first
+                widths, then all second widths, ..., as :meth:`_run_conditioner` gives them.
+
+        Returns:
+            The knots, each ``(..., n, K + 1)``.
+        """
+        # (3K - 1, ..., n) views: the bins first, each a contiguous run of features.
+        params = params.unflatten(-1, (self.params_per_feature, self.transformed)).movedim(-2, 0)
+        widths, heights, derivatives = params.split([self.bins, self.bins, self.bins - 1], dim=0)
         return spline_knots(
-            widths, heights, derivatives, self.bound,
-            self.min_bin_width, self.min_bin_height, self.min_derivative,
+            widths.movedim(0, -1),
+            heights.movedim(0, -1),
+            derivatives.movedim(0, -1),
+            self.bound,
+            self.min_bin_width,
+            self.min_bin_height,
+            self.min_derivative,
         )
 
     def transform(self, x: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
@@ -221,9 +266,17 @@ class SplineCoupling(Coupling):
     @classmethod
     def example(cls, generator: torch.Generator | None = None):
         block = cls(
-            features=5, bins=6, bound=2.0, context_features=3, hidden_features=(16, 16), time_features=8
+            features=5,
+            bins=6,
+            bound=2.5,
+            context_features=3,
+            hidden_features=(16, 16),
+            time_features=8,
         )
-        # Wider than the bound, so both the spline and the linear tails are exercised.
-        x = 2.0 * torch.randn(4, 5, generator=generator)
-        ctx = Context(t=torch.rand(4, generator=generator), cond=torch.randn(4, 3, generator=generator))
+        # Mostly inside the bound (2.5), with the last column pushed onto the linear tails.
+        x = 1.25 * torch.randn(4, 5, generator=generator)
+        x[:, -1] = 3.0 * torch.sign(x[:, -1]) + x[:, -1]
+        ctx = Context(
+            t=torch.rand(4, generator=generator), cond=torch.randn(4, 3, generator=generator)
+        )
         return block, x, ctx
