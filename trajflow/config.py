@@ -4,7 +4,9 @@ Example:
     >>> config = ModelConfig(
     ...     kind="ntm",
     ...     predictor={"name": "mlp", "kwargs": {"features": 2, "hidden_features": [32]}},
-    ...     transporter=[{"name": "affine_coupling", "kwargs": {"features": 2, "time_features": 16}}],
+    ...     transporter=[
+    ...         {"name": "affine_coupling", "kwargs": {"features": 2, "time_features": 16}}
+    ...     ],
     ... )
     >>> type(config.build()).__name__
     'NTM'
@@ -75,4 +77,6 @@ class ModelConfig(BaseModel):
         if self.kind == "flow_matching":
             return FlowMatching(predictor, self.schedule, cfg_dropout=self.cfg_dropout)
         transporter = Sequential.from_specs(self.transporter)
-        return NTM(transporter, predictor, self.schedule, mode=self.mode, cfg_dropout=self.cfg_dropout)
+        return NTM(
+            transporter, predictor, self.schedule, mode=self.mode, cfg_dropout=self.cfg_dropout
+        )

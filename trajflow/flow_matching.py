@@ -8,7 +8,8 @@ that :meth:`trajflow.ntm.NTM.from_flow_matching` starts from.
 Example:
     >>> import torch
     >>> from trajflow import FlowMatching, PREDICTORS
-    >>> fm = FlowMatching(PREDICTORS.build("mlp", features=2, hidden_features=[32], target="velocity"))
+    >>> net = PREDICTORS.build("mlp", features=2, hidden_features=[32], target="velocity")
+    >>> fm = FlowMatching(net)
     >>> fm.loss(torch.randn(16, 2)).loss.dim()
     0
     >>> fm.sample(4, steps=8, method="heun", generator=torch.Generator().manual_seed(0)).shape
@@ -81,7 +82,8 @@ class FlowMatching(nn.Module):
         """Velocity regression at ``t ~ U(0, 1)``: mean over samples of ``‖v - (ε - x_0)‖² / D``."""
         if tuple(x0.shape[1:]) != self.event_shape:
             raise ValueError(
-                f"FlowMatching expected data of shape (B, {self.event_shape}), got {tuple(x0.shape)}"
+                f"FlowMatching expected data of shape (B, *{self.event_shape}), "
+                f"got {tuple(x0.shape)}"
             )
         batch = x0.shape[0]
         t = torch.rand(batch, generator=generator, dtype=x0.dtype).to(x0.device)

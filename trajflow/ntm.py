@@ -473,12 +473,15 @@ class NTM(nn.Module):
                 "reads every noisier level, which a single pair does not hold"
             )
 
+    def _event_text(self) -> str:
+        return ", ".join(map(str, self.event_shape))
+
     def _check_data(self, x: Tensor) -> None:
         if not x.is_floating_point():
             raise TypeError(f"NTM expected floating-point data, got dtype {x.dtype}")
         if tuple(x.shape[1:]) != self.event_shape:
             raise ValueError(
-                f"NTM expected data of shape (B, {', '.join(map(str, self.event_shape))}), got {tuple(x.shape)}"
+                f"NTM expected data of shape (B, {self._event_text()}), got {tuple(x.shape)}"
             )
 
     def _check_levels(self, trajectory: Tensor, times: Tensor) -> None:
@@ -487,10 +490,11 @@ class NTM(nn.Module):
             or tuple(trajectory.shape[2:]) != self.event_shape
         ):
             raise ValueError(
-                f"expected a trajectory of shape (B, T + 1, {', '.join(map(str, self.event_shape))}), "
+                f"expected a trajectory of shape (B, T + 1, {self._event_text()}), "
                 f"got {tuple(trajectory.shape)}"
             )
         if times.shape != trajectory.shape[:2] or times.shape[1] < 2:
             raise ValueError(
-                f"expected times of shape {tuple(trajectory.shape[:2])} with T >= 1, got {tuple(times.shape)}"
+                f"expected times of shape {tuple(trajectory.shape[:2])} with T >= 1, "
+                f"got {tuple(times.shape)}"
             )
