@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: demo test lint docs bench clean
+.PHONY: demo test lint docs bench bench-toy clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ docs: $(VENV)/.dev-installed
 bench: $(VENV)/.dev-installed
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/blocks.py --out benchmarks/results/blocks_cpu.json
+
+# Few-step quality on every registered toy dataset (about 6 minutes each on 2 cores).
+bench-toy: $(VENV)/.dev-installed
+	mkdir -p benchmarks/results
+	for dataset in checkerboard eight_gaussians two_moons pinwheel spirals; do \
+		$(PY) benchmarks/toy2d.py --dataset $$dataset --out benchmarks/results/toy2d_$$dataset.json || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) site out .pytest_cache .ruff_cache .hypothesis

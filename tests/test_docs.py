@@ -98,3 +98,57 @@ def test_the_spline_figure_script_runs(tmp_path, one_thread):
     namespace = runpy.run_path(str(DOCS / "scripts" / "plot_spline.py"))
     namespace["main"].__globals__["OUT"] = tmp_path / "spline.png"
     assert namespace["main"]().stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------- NTM pages
+JSON_BLOCK = re.compile(r"^```json\n(.*?)^```$", flags=re.MULTILINE | re.DOTALL)
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```$", flags=re.MULTILINE | re.DOTALL)
+
+
+def test_compose_ntm_tutorial_trains_samples_evaluates_and_reloads(one_thread):
+    ns = runpy.run_path(str(DOCS / "examples" / "compose_ntm.py"))
+    # The model built in Python and the one built from its JSON config are the same.
+    assert ns["SAME_AS_CONFIG"]
+    # Training improves the 4-step samples a lot, and the 2-step samples are usable too.
+    assert ns["SW_AFTER"] < 0.5 * ns["SW_BEFORE"], (ns["SW_BEFORE"], ns["SW_AFTER"])
+    assert ns["SW_AFTER"] < 0.3 and ns["SW_AFTER_T2"] < 0.5, (ns["SW_AFTER"], ns["SW_AFTER_T2"])
+    # The data bound improves and says which variable it is about.
+    assert ns["BITS_AFTER"] < ns["BITS_BEFORE"], (ns["BITS_BEFORE"], ns["BITS_AFTER"])
+    assert "t0 = 0.001" in ns["bound"].variable and "T = 4" in ns["bound"].variable
+    # The exact trajectory log-density: one finite value per test point, over T + 1 levels.
+    assert ns["trajectory"].shape == (len(ns["TEST"]), 5, 2)
+    assert ns["log_p"].shape == (len(ns["TEST"]),) and torch.isfinite(ns["log_p"]).all()
+    # A reloaded checkpoint samples exactly like the model it was saved from.
+    assert ns["SAME_AFTER_RELOAD"] and ns["state"].step == 200
+    # Initialised from flow matching, the NTM is FM's ancestral sampler (up to float32).
+    assert ns["FINETUNE_GAP"] < 1e-4, ns["FINETUNE_GAP"]
+    assert all(0 < value < 2 for value in ns["SW_FM"].values()), ns["SW_FM"]
+
+
+def test_the_json_examples_of_the_training_page_are_valid_configs():
+    from trajflow.config import ModelConfig, toy_ntm_config
+    from trajflow.train import TrainConfig
+
+    model_json, train_json = JSON_BLOCK.findall((DOCS / "training.md").read_text())
+    expected = toy_ntm_config(predictor_hidden=[64, 64], transporter_layers=2)
+    assert ModelConfig.model_validate_json(model_json) == expected
+    assert model_json.strip() == expected.model_dump_json(indent=2)
+    assert TrainConfig.model_validate_json(train_json).ema_decay == 0.999
+
+
+def test_the_ntm_quick_example_of_the_home_page_runs(one_thread, capsys):
+    text = (DOCS / "index.md").read_text()
+    blocks = [block for block in PYTHON_BLOCK.findall(text) if "toy_ntm_config" in block]
+    assert len(blocks) == 1
+    # The page trains for 1000 steps; 3 show that the code runs.
+    code = blocks[0].replace("iterations=1000", "iterations=3")
+    code = code.replace("config=config)", "config=config, progress=False)")
+    assert "iterations=3" in code and "progress=False" in code
+    exec(compile(code, "docs/index.md", "exec"), {})
+    assert "t0 = 0.001, T = 4" in capsys.readouterr().out
+
+
+def test_the_toy_results_page_keeps_the_marker_for_the_results_table():
+    text = (DOCS / "toy_results.md").read_text()
+    assert "<!-- toy2d results table -->" in text
+    assert "Results are pasted from the JSON files of the last run" in text

@@ -16,13 +16,18 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from trajflow.demo import flow_demo
+    from trajflow.demo import flow_demo, ntm_demo
 
-    report = flow_demo(
-        dataset=args.dataset, iterations=args.iterations, seed=args.seed, out_dir=args.out
-    )
+    if args.model == "flow":
+        iterations = args.iterations or 800
+        report = flow_demo(args.dataset, iterations=iterations, seed=args.seed, out_dir=args.out)
+        written = ["flow_samples.png", "flow_report.json"]
+    else:
+        iterations = args.iterations or 1000
+        report = ntm_demo(args.dataset, iterations=iterations, seed=args.seed, out_dir=args.out)
+        written = ["ntm_vs_fm.png", "ntm_report.json"]
     print(json.dumps(report, indent=2))
-    print(f"wrote {args.out}/flow_samples.png and {args.out}/flow_report.json")
+    print("wrote " + " and ".join(f"{args.out}/{name}" for name in written))
 
 
 class ConfigError(Exception):
@@ -53,8 +58,8 @@ def _validated(cls: Any, data: Any, what: str) -> Any:
 def _configs(args: argparse.Namespace):
     """The model config (or ``None`` to take the checkpoint's), train config and checkpoint."""
     from trajflow.checkpoint import CONFIG_FILE, latest_checkpoint
-    from trajflow.config import ModelConfig
-    from trajflow.train import TrainConfig, toy_model_config
+    from trajflow.config import ModelConfig, toy_ntm_config
+    from trajflow.train import TrainConfig
 
     checkpoint = None
     if args.resume is not None:
@@ -67,7 +72,7 @@ def _configs(args: argparse.Namespace):
             ModelConfig, _read_json(args.config, "model config"), f"model config {args.config}"
         )
     elif checkpoint is None:
-        model_config = toy_model_config()
+        model_config = toy_ntm_config()
     else:
         model_config = None
 
@@ -151,9 +156,12 @@ def _train(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trajflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a small model on a toy dataset and plot samples")
+    demo = commands.add_parser(
+        "demo", help="train an NTM (or --model flow: a spline flow) on a toy dataset and plot"
+    )
+    demo.add_argument("--model", default="ntm", choices=["ntm", "flow"])
     demo.add_argument("--dataset", default="checkerboard", choices=DATASETS.names())
-    demo.add_argument("--iterations", type=int, default=800)
+    demo.add_argument("--iterations", type=int, default=None, help="default 1000 (flow: 800)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="out/demo")
     demo.set_defaults(run=_demo)

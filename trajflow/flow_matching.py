@@ -110,10 +110,16 @@ class FlowMatching(nn.Module):
         """Draws ``n`` samples with ``steps`` network-evaluation steps.
 
         Args:
+            n: Number of samples.
+            steps: Integration steps (``"ancestral"``: Gaussian steps ``T``).
             method: ``"euler"`` and ``"heun"`` integrate the ODE on a uniform grid from 1 to 0
                 (Heun uses two evaluations per step but the last); ``"ancestral"`` runs the
                 Gaussian chain on the schedule's grid down to ``t_min``, drawing noise in the
                 same order as :meth:`trajflow.ntm.NTM.sample`.
+            y: Condition of every sample, for a conditional network.
+            y_mask: Its token mask.
+            generator: Seeds the noise.
+            t_min: Last level of the ancestral chain (default: the schedule's ``t_min_eval``).
         """
         parameter = next(self.net.parameters())
         device, dtype = parameter.device, parameter.dtype

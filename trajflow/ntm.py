@@ -2,7 +2,7 @@
 
 A shared, time-conditioned invertible *transporter* ``u = f(x; t, T)`` maps each level of a
 flow-matching trajectory to u-space, where a *predictor* gives a diagonal Gaussian for the
-next cleaner level. The trajectory likelihood is exact (NTM_METHOD §4):
+next cleaner level. The trajectory likelihood is exact (see the Method page of the docs):
 
     log p(x_{t_0:t_T}) = log N(x_1; 0, I) + Σ_k [log N(u_k; μ_k, σ_k²) + log|det ∂f/∂x (x_{t_k})|]
 
@@ -92,7 +92,7 @@ class NTMLoss:
 
 @dataclasses.dataclass
 class DataBound:
-    """A lower bound on ``log p(x_{t_0})`` (NTM_METHOD §4), and what variable it is about.
+    """A lower bound on ``log p(x_{t_0})``, and what variable it is about.
 
     Attributes:
         log_likelihood: Per-sample bound in nats ``(B,)``.
@@ -141,7 +141,7 @@ class NTM(nn.Module):
         self.cfg_dropout = cfg_dropout
         self.event_shape = tuple(predictor.event_shape)
         self.dimension = math.prod(self.event_shape)
-        # Finetuning from flow matching (NTM_METHOD §6); see from_flow_matching.
+        # Finetuning from flow matching; see from_flow_matching.
         self.teacher: Predictor | None = None
         self.aux_weight, self.aux_steps = 0.0, 0
 
@@ -176,7 +176,7 @@ class NTM(nn.Module):
         """Mean and log-std of ``u_{t_out}`` given ``u_in`` at ``t_in``, for ``K`` levels at once.
 
         ``μ = A u_in + B x̂_0`` and ``log σ = log C + δ`` with the posterior coefficients of
-        the step ``t_out < t_in`` (NTM_METHOD §3).
+        the step ``t_out < t_in``.
         """
         batch = u_in.shape[0]
         steps = torch.as_tensor(steps, device=u_in.device).expand(batch)
@@ -308,9 +308,12 @@ class NTM(nn.Module):
             x: Data ``(B, *event)``.
             steps: ``T`` of the evaluation grid.
             t0: The fixed ``t_0`` (default: the schedule's ``t_min_eval``).
+            y: Condition of every point, for a conditional predictor.
+            y_mask: Its token mask, for conditioning tokens.
             quantization_levels: ``K`` if ``x`` is uniformly dequantised data on ``K`` levels
-                mapped to ``[-1, 1]``; bits/dim then bound ``-log P(k)`` (NTM_METHOD §10).
+                mapped to ``[-1, 1]``; bits/dim then bound ``-log P(k)``.
             samples: Monte Carlo trajectories per point.
+            generator: Seeds the forward trajectories.
         """
         self._check_data(x)
         t0 = self.schedule.t_min_eval if t0 is None else t0

@@ -60,7 +60,6 @@ __all__ = [
     "TrainResult",
     "WarmupCosine",
     "step_seed",
-    "toy_model_config",
     "train",
     "update_ema",
 ]
@@ -136,31 +135,6 @@ class TrainConfig(BaseModel):
             except RuntimeError as error:
                 raise ValueError(f"expected 'auto' or a torch device string: {error}") from None
         return device
-
-
-def toy_model_config(features: int = 2) -> ModelConfig:
-    """A small NTM for toy vector data: 4 time-conditioned affine couplings and an MLP predictor.
-
-    The couplings alternate parity so that every coordinate is transformed; they start as the
-    identity, so the untrained model is a Gaussian reverse chain with learned variance.
-
-    Example:
-        >>> config = toy_model_config()
-        >>> config.kind, len(config.transporter), config.predictor.name
-        ('ntm', 4, 'mlp')
-    """
-    coupling = {"features": features, "time_features": 16, "hidden_features": [64, 64]}
-    return ModelConfig(
-        kind="ntm",
-        predictor={
-            "name": "mlp",
-            "kwargs": {"features": features, "hidden_features": [128, 128], "time_features": 32},
-        },
-        transporter=[
-            {"name": "affine_coupling", "kwargs": {**coupling, "parity": layer % 2 == 1}}
-            for layer in range(4)
-        ],
-    )
 
 
 class WarmupCosine:
