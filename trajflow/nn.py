@@ -1,4 +1,4 @@
-"""Small network pieces shared by blocks and predictors: MLPs and context embeddings.
+"""Network pieces shared by blocks and predictors: MLPs, context embeddings, transformer layers.
 
 Example:
     >>> import torch
@@ -11,16 +11,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trajflow.core import Context
 
-__all__ = ["MLP", "ContextEncoder", "sinusoidal_embedding"]
+__all__ = ["MLP", "ContextEncoder", "TransformerLayer", "full_precision", "sinusoidal_embedding"]
 
 
 def sinusoidal_embedding(values: Tensor, features: int, max_period: float = 10_000.0) -> Tensor:
@@ -151,3 +153,76 @@ class ContextEncoder(nn.Module):
                 f"{owner} got a context of batch size {encoded.shape[0]} for an input of {batch}"
             )
         return encoded
+
+
+def full_precision(h: Tensor) -> contextlib.AbstractContextManager:
+    """Disables autocast (if on) so norms, softmax and the affine maths keep ``h``'s dtype."""
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.autocast(h.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class TransformerLayer(nn.Module):
+    """A pre-LayerNorm transformer layer whose attention takes an explicit KV cache."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = max(1, round(dim * mlp_ratio))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(
+        self,
+        h: Tensor,
+        cache: Tensor | None,
+        start: int,
+        mask: Tensor | None,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Runs positions ``[start, start + S)`` given the keys/values of those before.
+
+        Args:
+            h: The new positions, shape ``(B, S, dim)``.
+            cache: Keys and values of the earlier positions stacked, shape
+                ``(2, B, heads, ≥ start, head_dim)``, or None if there are none. Under
+                ``torch.no_grad`` it is a preallocated buffer the new positions are written
+                into; with autograd on, a fresh concatenation is made instead, since autograd
+                keeps the tensors it has seen.
+            start: Position of the first new token.
+            mask: Boolean attention mask for the new queries over keys ``[0, start + S)``.
+            is_causal: Plain causal attention (with ``mask`` None and no cache).
+
+        Returns:
+            The new positions after the layer and the cache to pass on.
+        """
+        batch, length, dim = h.shape
+        end = start + length
+        # nn.functional directly: this runs once per token per layer in the KV-cache loop.
+        with full_precision(h):
+            normed = F.layer_norm(h, (dim,), self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        qkv = F.linear(normed, self.qkv.weight, self.qkv.bias).to(h.dtype)
+        qkv = qkv.view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if cache is None:
+            cache = qkv[1:]
+        elif torch.is_grad_enabled():
+            cache = torch.cat([cache[:, :, :, :start], qkv[1:]], dim=3)
+        else:
+            cache[:, :, :, start:end] = qkv[1:]
+        with full_precision(h):
+            attended = F.scaled_dot_product_attention(
+                qkv[0],
+                cache[0, :, :, :end],
+                cache[1, :, :, :end],
+                attn_mask=mask,
+                is_causal=is_causal,
+            )
+        attended = attended.transpose(1, 2).reshape(batch, length, dim)
+        h = h + F.linear(attended, self.proj.weight, self.proj.bias).to(h.dtype)
+        with full_precision(h):
+            normed = F.layer_norm(h, (dim,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        hidden = F.gelu(F.linear(normed, self.mlp[0].weight, self.mlp[0].bias))
+        return h + F.linear(hidden, self.mlp[2].weight, self.mlp[2].bias).to(h.dtype), cache

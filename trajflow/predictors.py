@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from trajflow.nn import sinusoidal_embedding
+from trajflow.nn import TransformerLayer, sinusoidal_embedding
 from trajflow.registry import Registry
 
 __all__ = ["PREDICTORS", "MLPPredictor", "Predictor", "TrajectoryTransformer"]
@@ -201,29 +201,6 @@ class MLPPredictor(Predictor):
         return self.mean_head(h), delta
 
 
-class _Layer(nn.Module):
-    """Pre-LayerNorm transformer layer with an optional boolean attention mask."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim)
-        )
-
-    def forward(self, h: Tensor, mask: Tensor | None) -> Tensor:
-        q, k, v = rearrange(
-            self.qkv(self.norm1(h)), "b n (three h d) -> three b h n d", three=3, h=self.heads
-        )
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        h = h + self.proj(rearrange(attended, "b h n d -> b n (h d)"))
-        return h + self.mlp(self.norm2(h))
-
-
 class TrajectoryTransformer(Predictor):
     """A transformer over the tokens of every level, ``(B, K, L, C)``, in one parallel pass.
 
@@ -274,7 +251,7 @@ class TrajectoryTransformer(Predictor):
         self.condition = nn.Linear(cond_features, dim) if cond_features else None
         if cond_features:
             self.null = nn.Parameter(torch.zeros(1, cond_features))
-        self.layers = nn.ModuleList(_Layer(dim, heads, mlp_ratio) for _ in range(layers))
+        self.layers = nn.ModuleList(TransformerLayer(dim, heads, mlp_ratio) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.mean_head = nn.Linear(dim, features)
         self.delta_head = _zero_linear(dim, features)
@@ -326,7 +303,7 @@ class TrajectoryTransformer(Predictor):
             # Levels are independent: fold them into the batch (cheaper than a block mask).
             h = rearrange(h, "b k l d -> (b k) l d")
             for layer in self.layers:
-                h = layer(h, None)
+                h = layer(h, None, 0, None)[0]
             h = rearrange(self.norm(h), "(b k) l d -> b k l d", b=batch)
         else:
             sequence = rearrange(h, "b k l d -> b (k l) d")
@@ -334,7 +311,7 @@ class TrajectoryTransformer(Predictor):
                 sequence = torch.cat([self.condition(condition), sequence], dim=1)
             mask = self._level_mask(levels, prefix, y_mask, u.device)
             for layer in self.layers:
-                sequence = layer(sequence, mask)
+                sequence = layer(sequence, None, 0, mask)[0]
             h = rearrange(self.norm(sequence[:, prefix:]), "b (k l) d -> b k l d", k=levels)
         return self.mean_head(h), self.delta_head(h)
 
