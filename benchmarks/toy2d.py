@@ -47,7 +47,7 @@ from trajflow.metrics import energy_distance, sliced_wasserstein
 from trajflow.train import TrainConfig, train
 
 #: Training budget shared by every method.
-BATCH, ITERATIONS, LR, EMA = 2048, 2000, 2e-3, 0.999
+BATCH, ITERATIONS, LR, EMA = 2048, 2000, 2e-3, None
 #: Predictor (and velocity network) of every method.
 PREDICTOR_HIDDEN = [512, 512, 512]
 #: NTM transporter: spline couplings conditioned on the level's time (and T).
