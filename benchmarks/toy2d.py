@@ -21,6 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -246,6 +247,33 @@ def targets(records: list[dict]) -> list[Target]:
     ]
 
 
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """One markdown row per dataset: sliced Wasserstein of each method, bits/dim, verdicts."""
+    rows = []
+    for result in results:
+        records = result["records"]
+
+        def sw(method: str, steps: int | None, records: list = records) -> float:
+            return _find(records, method, steps)["sliced_wasserstein"]
+
+        def bpd(method: str, steps: int | None, records: list = records) -> float | None:
+            return _find(records, method, steps)["bits_per_dim"]
+
+        verdicts = "".join("✓" if target["passed"] else "✗" for target in result["targets"])
+        rows.append({
+            "dataset": result["dataset"],
+            "NTM T=1": sw("ntm", 1), "NTM T=4": sw("ntm", 4), "NTM T=8": sw("ntm", 8),
+            "chain T=4": sw("gaussian_chain", 4), "FM 4": sw("flow_matching", 4),
+            "FM 100": sw("flow_matching", 100), "NSF": sw("nsf", None),
+            "bpd NTM": bpd("ntm", 4), "bpd chain": bpd("gaussian_chain", 4),
+            "bpd NSF": bpd("nsf", None),
+            "step NTM/FM": _find(records, "ntm", 4)["train_step_ms"]
+            / _find(records, "flow_matching", 4)["train_step_ms"],
+            "targets": verdicts,
+        })  # fmt: skip
+    return markdown_table(rows, list(rows[0]))
+
+
 def plot(panels: dict[str, Tensor], path: Path, title: str) -> None:
     from trajflow.plotting import scatter_grid
 
@@ -256,10 +284,19 @@ def plot(panels: dict[str, Tensor], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="checkerboard", help=f"one of {DATASETS.names()}")
-    parser.add_argument("--out", required=True, help="JSON file to write (PNG beside it)")
+    parser.add_argument("--out", help="JSON file to write (PNG beside it)")
+    parser.add_argument(
+        "--summarize", nargs="+", metavar="JSON", help="print a summary table of result files"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iters", type=int, default=None, help=f"default {ITERATIONS}")
     args = parser.parse_args(argv)
+    if args.summarize:
+        results = [json.loads(Path(name).read_text()) for name in args.summarize]
+        print(summary_table(results))
+        return {"summary": results}
+    if not args.out:
+        parser.error("--out is required (or --summarize FILES)")
     start = time.perf_counter()
     result = run(args.dataset, args.seed, args.iters)
     result["wall_seconds"] = time.perf_counter() - start
