@@ -23,7 +23,7 @@ def _demo(args: argparse.Namespace) -> None:
         report = flow_demo(args.dataset, iterations=iterations, seed=args.seed, out_dir=args.out)
         written = ["flow_samples.png", "flow_report.json"]
     else:
-        iterations = args.iterations or 1000
+        iterations = args.iterations or 2000
         report = ntm_demo(args.dataset, iterations=iterations, seed=args.seed, out_dir=args.out)
         written = ["ntm_vs_fm.png", "ntm_report.json"]
     print(json.dumps(report, indent=2))
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--model", default="ntm", choices=["ntm", "flow"])
     demo.add_argument("--dataset", default="checkerboard", choices=DATASETS.names())
-    demo.add_argument("--iterations", type=int, default=None, help="default 1000 (flow: 800)")
+    demo.add_argument("--iterations", type=int, default=None, help="default 2000 (flow: 800)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="out/demo")
     demo.set_defaults(run=_demo)

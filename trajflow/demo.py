@@ -105,8 +105,9 @@ def flow_demo(
 
 def ntm_demo(
     dataset: str = "checkerboard",
-    iterations: int = 1000,
+    iterations: int = 2000,
     batch_size: int = 1024,
+    lr: float = 2e-3,
     seed: int = 0,
     out_dir: str | Path | None = "out/demo",
     progress: bool = True,
@@ -125,7 +126,7 @@ def ntm_demo(
     from trajflow.metrics import sliced_wasserstein
     from trajflow.train import TrainConfig, train
 
-    config = TrainConfig(iterations=iterations, batch_size=batch_size, dataset=dataset,
+    config = TrainConfig(iterations=iterations, batch_size=batch_size, dataset=dataset, lr=lr,
                          seed=seed, warmup_steps=min(100, iterations // 10))  # fmt: skip
     start = time.perf_counter()
     ntm = train(toy_ntm_config().build(), config, progress=progress).model.eval()
