@@ -74,6 +74,9 @@ def test_registry_register_get_build_and_aliases():
         registry.register("RoundWidget")
     with pytest.raises(KeyError, match="known: round_widget"):
         registry.get("square_widget")
+    assert registry.check("old_round_widget") == "old_round_widget"
+    with pytest.raises(ValueError, match="known: round_widget"):
+        registry.check("square_widget")
 
 
 def test_spec_validation_names_the_field():

@@ -56,20 +56,14 @@ class ModelConfig(BaseModel):
     @field_validator("predictor")
     @classmethod
     def _known_predictor(cls, spec: Spec) -> Spec:
-        try:
-            PREDICTORS.get(spec.name)
-        except KeyError as error:  # pydantic only turns ValueError into a ValidationError
-            raise ValueError(error.args[0]) from None
+        PREDICTORS.check(spec.name)
         return spec
 
     @field_validator("transporter")
     @classmethod
     def _known_blocks(cls, specs: list[Spec]) -> list[Spec]:
         for spec in specs:
-            try:
-                BLOCKS.get(spec.name)
-            except KeyError as error:
-                raise ValueError(error.args[0]) from None
+            BLOCKS.check(spec.name)
         return specs
 
     def build(self) -> nn.Module:

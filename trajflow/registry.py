@@ -99,6 +99,19 @@ class Registry(Generic[T]):
             raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._entries[key]
 
+    def check(self, name: str) -> str:
+        """Returns ``name`` if it is registered, for config validators.
+
+        Raises:
+            ValueError: If it is not (pydantic turns ValueErrors, not KeyErrors, into
+                validation errors naming the field); the message lists the known names.
+        """
+        try:
+            self.get(name)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+        return name
+
     def names(self) -> list[str]:
         """The canonical registered names, sorted (aliases excluded)."""
         return sorted(self._entries)

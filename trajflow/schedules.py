@@ -256,11 +256,7 @@ class ScheduleConfig(BaseModel):
     @field_validator("grid")
     @classmethod
     def _known_grid(cls, value: str) -> str:
-        try:
-            SCHEDULES.get(value)
-        except KeyError as error:  # pydantic only turns ValueError into a ValidationError
-            raise ValueError(error.args[0]) from None
-        return value
+        return SCHEDULES.check(value)
 
     @field_validator("steps")
     @classmethod
