@@ -26,6 +26,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -87,7 +88,7 @@ class ZukoNSF(nn.Module):
 
     def loss(self, x0: Tensor, step: int = 0, generator: torch.Generator | None = None):
         nll = -self.log_prob(x0)
-        return argparse.Namespace(loss=nll.mean() / 2, nll=nll.detach())
+        return SimpleNamespace(loss=nll.mean() / 2, nll=nll.detach())
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
