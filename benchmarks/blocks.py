@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,26 +40,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-try:  # imported as benchmarks.blocks (tests) or run as a script (python benchmarks/blocks.py)
-    from benchmarks._common import (
-        Target,
-        fingerprint,
-        markdown_table,
-        pyplot,
-        resolve_devices,
-        timeit_interleaved,
-        write_json,
-    )
-except ImportError:
-    from _common import (
-        Target,
-        fingerprint,
-        markdown_table,
-        pyplot,
-        resolve_devices,
-        timeit_interleaved,
-        write_json,
-    )
+# Run as a script: benchmarks/ is not a package, so its shared helpers come from its folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    Target,
+    fingerprint,
+    markdown_table,
+    pyplot,
+    resolve_devices,
+    timeit_interleaved,
+    write_json,
+)
 
 from trajflow import BLOCKS, Sequential
 from trajflow.nn import MLP

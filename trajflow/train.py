@@ -83,7 +83,7 @@ class TrainConfig(BaseModel):
         ema_decay: Decay of the parameter EMA (``None``: no EMA).
         checkpoint_every: Write a checkpoint every this many steps (``None``: only at the end);
             needs ``out_dir``.
-        out_dir: Folder of the ``step_XXXXXXXX`` checkpoints (``None``: no checkpoints).
+        out_dir: Folder of the ``step_00000100``-style checkpoints (``None``: none written).
         seed: Seeds the data and model randomness of every step.
         log_every: Steps between progress-bar and history updates.
         dataset: Registered toy dataset (``DATASETS``) of the default ``data_fn``.
