@@ -6,7 +6,7 @@ Example:
     >>> flow = NormalizingFlow(Sequential.from_specs([
     ...     {"name": "spline_coupling", "kwargs": {"features": 2, "hidden_features": [16]}},
     ...     {"name": "reverse"},
-    ... ]))
+    ... ]), shape=(2,))
     >>> x = flow.sample(4, generator=torch.Generator().manual_seed(0))
     >>> flow.log_prob(x).shape
     torch.Size([4])
