@@ -148,6 +148,16 @@ class Block(nn.Module, ABC):
     #: Whether the block reads the context (the property tests then check it matters).
     conditional: bool = False
 
+    @property
+    def uses_time(self) -> bool:
+        """Whether the block reads ``ctx.t`` (an NTM rejects a transporter that does not).
+
+        True when the block or one of its submodules has a non-zero ``time_features``, the
+        convention of every built-in block and of :class:`~trajflow.nn.ContextEncoder`. A
+        custom block that reads ``ctx.t`` some other way overrides this.
+        """
+        return any(getattr(module, "time_features", 0) for module in self.modules())
+
     @abstractmethod
     def forward(self, x: Tensor, ctx: Context | None = None) -> tuple[Tensor, Tensor]:
         """Maps data to latent; returns ``(y, log|det ∂y/∂x|)``."""
