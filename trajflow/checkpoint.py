@@ -8,6 +8,9 @@ state. ``weights.safetensors`` holds every tensor under a string key: ``model/<n
 
 A checkpoint is written into a temporary folder next to its destination, synced to disk,
 then renamed into place, so a crash never leaves a half-written checkpoint at ``path``.
+``config.json`` also records the SHA-256 of both files (``checksums``), so a file that was cut
+short or had bytes flipped after the save fails to load with a :class:`CheckpointError`
+naming it, instead of silently giving wrong weights.
 
 Example:
     >>> import tempfile
@@ -30,9 +33,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -50,11 +55,14 @@ from trajflow.config import ModelConfig
 __all__ = [
     "CONFIG_FILE",
     "WEIGHTS_FILE",
+    "CheckpointError",
     "CheckpointState",
     "capture_rng_state",
     "checkpoint_name",
     "latest_checkpoint",
     "load_checkpoint",
+    "prune_checkpoints",
+    "read_checkpoint_config",
     "restore_rng_state",
     "restore_training_state",
     "save_checkpoint",
@@ -66,6 +74,16 @@ FORMAT = "trajflow-checkpoint"
 VERSION = 1
 _TENSOR = "__tensor__"  # marks a JSON value whose tensor lives in weights.safetensors
 _PREFIX = "step_"
+_CHECKSUMS = "checksums"
+# Temporary folders of save_checkpoint: ".step_00000100.tmp-abc123", ".step_00000100.old-…".
+_TEMPORARY = re.compile(rf"^\.({_PREFIX}\d+)\.(tmp|old)-")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is damaged: bad JSON, a wrong checksum, a cut weights file…
+
+    The message names the file at fault.
+    """
 
 
 @dataclasses.dataclass
@@ -175,6 +193,18 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -189,11 +219,13 @@ def save_checkpoint(
 ) -> Path:
     """Writes a checkpoint folder atomically.
 
-    The folder is assembled under a temporary name in ``path``'s parent, its files and the
-    folder are fsynced, and it is renamed to ``path``. An existing checkpoint at ``path`` is
-    replaced only once the new one is complete (it is moved aside, the new folder renamed in,
-    then the old one deleted). On any error the temporary folder is removed and ``path`` is
-    left as it was.
+    The folder is assembled under a temporary name in ``path``'s parent (hidden: it starts
+    with a dot), its files and the folder are fsynced, and it is renamed to ``path``.
+    ``config.json`` is written last and holds the SHA-256 of itself (without that entry) and
+    of ``weights.safetensors``, which :func:`load_checkpoint` verifies. An existing checkpoint
+    at ``path`` is replaced only once the new one is complete (it is moved aside, the new
+    folder renamed in, then the old one deleted). On any error the temporary folder is
+    removed and ``path`` is left as it was.
 
     Args:
         path: Destination folder.
@@ -242,14 +274,18 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        with open(temporary / CONFIG_FILE, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
         safetensors.torch.save_file(
             tensors, temporary / WEIGHTS_FILE, metadata={"format": "pt", "step": str(step)}
         )
         _fsync(temporary / WEIGHTS_FILE)
+        config[_CHECKSUMS] = {
+            CONFIG_FILE: _sha256(text.encode()),
+            WEIGHTS_FILE: _sha256_file(temporary / WEIGHTS_FILE),
+        }
+        with open(temporary / CONFIG_FILE, "w") as file:
+            file.write(json.dumps(config, indent=2))
+            file.flush()
+            os.fsync(file.fileno())
         _fsync(temporary)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -266,19 +302,74 @@ def save_checkpoint(
 
 
 # --------------------------------------------------------------------------- loading
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not config_file.is_file() or not weights_file.is_file():
+def _damaged(file: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint file {file} {problem}; the checkpoint is damaged (resume from an older "
+        "step_* folder by naming it, or delete this one)"
+    )
+
+
+def _required(path: Path, name: str) -> Path:
+    file = path / name
+    if not file.is_file():
         raise FileNotFoundError(
-            f"{path} is not a trajflow checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it"
+            f"{file} is missing: {path} is not a complete trajflow checkpoint (expected "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE} in it)"
         )
-    config = json.loads(config_file.read_text())
+    return file
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The verified contents of a checkpoint's ``config.json``, without loading the weights.
+
+    Raises:
+        FileNotFoundError: If ``path`` has no ``config.json`` or no ``weights.safetensors``.
+        CheckpointError: If ``config.json`` is not valid JSON, not a trajflow checkpoint of a
+            known version, or does not match its recorded checksum.
+    """
+    return _read_config(Path(path))[0]
+
+
+def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``config.json`` verified, and the checksums it records (empty for old checkpoints)."""
+    config_file = _required(path, CONFIG_FILE)
+    _required(path, WEIGHTS_FILE)
+    try:
+        config = json.loads(config_file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _damaged(config_file, f"is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise _damaged(config_file, f"holds a {type(config).__name__}, expected a JSON object")
     if config.get("format") != FORMAT or config.get("version") != VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"{config_file}: expected format {FORMAT!r} version {VERSION}, got "
             f"{config.get('format')!r} version {config.get('version')!r}"
         )
-    return config, safetensors.torch.load_file(weights_file)
+    # Checkpoints written before checksums existed have none: they load unverified.
+    checksums = config.pop(_CHECKSUMS, None) or {}
+    if not isinstance(checksums, dict) or (
+        checksums and checksums.get(CONFIG_FILE) != _sha256(json.dumps(config, indent=2).encode())
+    ):
+        raise _damaged(config_file, "does not match the SHA-256 recorded in it")
+    if not isinstance(config.get("step"), int) or config["step"] < 0:
+        raise _damaged(config_file, f"has no valid step (got {config.get('step')!r})")
+    return config, checksums
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    config, checksums = _read_config(path)
+    weights_file = path / WEIGHTS_FILE
+    expected = checksums.get(WEIGHTS_FILE)
+    if expected is not None and _sha256_file(weights_file) != expected:
+        raise _damaged(
+            weights_file,
+            f"does not match the SHA-256 recorded in {CONFIG_FILE} (cut short or overwritten?)",
+        )
+    try:
+        tensors = safetensors.torch.load_file(weights_file)
+    except Exception as error:  # SafetensorError and friends: a cut or garbled file
+        raise _damaged(weights_file, f"cannot be read as safetensors ({error})") from None
+    return config, tensors
 
 
 def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -319,14 +410,26 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: If ``path`` lacks ``config.json`` or ``weights.safetensors``.
-        ValueError: If the folder is not a trajflow checkpoint, or no model is given and no
-            model config was saved.
+        CheckpointError: If a file is damaged: ``config.json`` is not valid JSON or its
+            content is invalid, or a file does not match the SHA-256 recorded at saving (a
+            truncated or overwritten file). The message names the file.
+        ValueError: If no model is given and no model config was saved.
         RuntimeError: If the weights do not match the model (missing or unexpected keys).
+
+    Example:
+        >>> load_checkpoint(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: .../config.json is missing: ...
     """
     path = Path(path)
     config, tensors = _read(path)
-    model_config = config["model_config"]
-    model_config = None if model_config is None else ModelConfig.model_validate(model_config)
+    model_config = config.get("model_config")
+    if model_config is not None:
+        try:
+            model_config = ModelConfig.model_validate(model_config)
+        except ValueError as error:  # pydantic's ValidationError, unknown registry names
+            raise CheckpointError(f"{path / CONFIG_FILE}: invalid model_config: {error}") from None
     if model is None:
         if model_config is None:
             raise ValueError(f"{path} has no model config: pass the model to load the weights into")
@@ -335,11 +438,15 @@ def load_checkpoint(
     if device is not None:
         model = model.to(device)
     saved_optimizer = config.get("optimizer")
+    try:
+        optimizer = None if saved_optimizer is None else _join_optimizer(saved_optimizer, tensors)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise _damaged(path / CONFIG_FILE, f"has an invalid optimizer state ({error!r})") from None
     state = CheckpointState(
         model_config=model_config,
         train_config=config.get("train_config"),
         step=int(config["step"]),
-        optimizer=None if saved_optimizer is None else _join_optimizer(saved_optimizer, tensors),
+        optimizer=optimizer,
         scheduler=config.get("scheduler"),
         ema=_prefixed(tensors, "ema/") if config.get("ema") else None,
         rng=config.get("rng"),
@@ -386,25 +493,87 @@ def checkpoint_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
 
 
+def _step_of(name: str) -> int | None:
+    """``100`` for ``step_00000100``; ``None`` for any other name."""
+    digits = name[len(_PREFIX) :]
+    return int(digits) if name.startswith(_PREFIX) and digits.isdigit() else None
+
+
+def _run_checkpoints(path: Path) -> list[tuple[int, Path]]:
+    children = path.iterdir() if path.is_dir() else ()
+    found = [(_step_of(child.name), child) for child in children if child.is_dir()]
+    return sorted((step, child) for step, child in found if step is not None)
+
+
 def latest_checkpoint(path: str | os.PathLike) -> Path | None:
     """The checkpoint to resume from: ``path`` itself if it is one, else its newest ``step_*``.
 
-    Only complete checkpoints count (temporary folders of an interrupted save are hidden and
-    never match).
+    ``path`` is taken as a checkpoint if it holds ``config.json`` or ``weights.safetensors``.
+    Otherwise the ``step_*`` folder with the highest step is returned *even if it is damaged
+    or incomplete*: loading it then fails with an error naming the file, rather than
+    resuming silently from an older checkpoint. (:func:`save_checkpoint` never leaves an
+    incomplete ``step_*`` folder: its temporary folders are hidden and never match; one that
+    is damaged was changed afterwards.) To go back to an older checkpoint, name it.
+
+    Returns:
+        The folder, or ``None`` if ``path`` holds no checkpoint.
 
     Example:
         >>> latest_checkpoint(tempfile.mkdtemp()) is None
         True
     """
     path = Path(path)
-    if (path / CONFIG_FILE).is_file():
+    if (path / CONFIG_FILE).exists() or (path / WEIGHTS_FILE).exists():
         return path
-    found = [
-        (int(child.name[len(_PREFIX) :]), child)
-        for child in (path.iterdir() if path.is_dir() else ())
-        if child.name.startswith(_PREFIX)
-        and child.name[len(_PREFIX) :].isdigit()
-        and (child / CONFIG_FILE).is_file()
-        and (child / WEIGHTS_FILE).is_file()
-    ]
-    return max(found)[1] if found else None
+    found = _run_checkpoints(path)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(path: str | os.PathLike, keep_last: int | None, step: int) -> list[Path]:
+    """Deletes older ``step_*`` checkpoints of a run folder, keeping the newest ``keep_last``.
+
+    Only checkpoints up to ``step`` (the one just written) are considered: the newest
+    ``keep_last`` of them stay, older ones go. Checkpoints of later steps, left by an earlier
+    run that went further than a resumed one, are not touched. Hidden temporary folders that an
+    interrupted :func:`save_checkpoint` left behind for those steps are removed too.
+
+    Args:
+        path: The run folder.
+        keep_last: How many checkpoints to keep (``None``: keep all; only clean up).
+        step: The step of the checkpoint just written.
+
+    Returns:
+        The checkpoint folders deleted.
+
+    Raises:
+        ValueError: If ``keep_last`` is smaller than 1.
+
+    Example:
+        >>> run = Path(tempfile.mkdtemp())
+        >>> for step in (10, 20, 30):
+        ...     (run / checkpoint_name(step)).mkdir()
+        >>> [p.name for p in prune_checkpoints(run, keep_last=2, step=30)]
+        ['step_00000010']
+        >>> sorted(p.name for p in run.iterdir())
+        ['step_00000020', 'step_00000030']
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"expected keep_last >= 1 or None, got {keep_last}")
+    path = Path(path)
+    for child in path.iterdir() if path.is_dir() else ():
+        match = _TEMPORARY.match(child.name)
+        if match is None or _step_of(match[1]) > step:
+            continue
+        # An ".old-" folder holds a replaced checkpoint; it is garbage once its replacement
+        # is in place (otherwise it is the only copy, so it stays).
+        if match[2] == "tmp" or (path / match[1] / CONFIG_FILE).is_file():
+            shutil.rmtree(child, ignore_errors=True)
+    if keep_last is None:
+        return []
+    candidates = [folder for found, folder in _run_checkpoints(path) if found <= step]
+    doomed = candidates[:-keep_last]
+    for folder in doomed:
+        shutil.rmtree(folder)
+    if doomed:
+        _fsync(path)
+    return doomed

@@ -42,17 +42,18 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from trajflow.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     restore_training_state,
     save_checkpoint,
 )
 from trajflow.config import ModelConfig
 from trajflow.data import DATASETS, sample_dataset
+from trajflow.progress import progress_bar
 
 __all__ = [
     "DataFn",
@@ -83,6 +84,8 @@ class TrainConfig(BaseModel):
         ema_decay: Decay of the parameter EMA (``None``: no EMA).
         checkpoint_every: Write a checkpoint every this many steps (``None``: only at the end);
             needs ``out_dir``.
+        keep_last: Keep only the newest this many checkpoints of the run, deleting older ones
+            after each successful save (``None``: keep all).
         out_dir: Folder of the ``step_00000100``-style checkpoints (``None``: none written).
         seed: Seeds the data and model randomness of every step.
         log_every: Steps between progress-bar and history updates.
@@ -106,6 +109,7 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     checkpoint_every: int | None = Field(None, ge=1)
+    keep_last: int | None = Field(None, ge=1)
     out_dir: str | None = None
     seed: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
@@ -314,7 +318,8 @@ def train(
         resume: A checkpoint folder, or a run folder whose newest ``step_*`` checkpoint to
             continue from. Weights, optimizer, scheduler, EMA and RNG states are restored;
             optimizer hyper-parameters come from the checkpoint, the schedule from ``config``.
-        progress: Show a tqdm progress bar (rank 0 only).
+        progress: Show progress (rank 0 only): a tqdm bar on a terminal, else a plain line
+            every 10% of the run (see :func:`~trajflow.progress.progress_bar`).
 
     Returns:
         A :class:`TrainResult`.
@@ -406,12 +411,9 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
     history: list[dict[str, float]] = []
     checkpoints: list[Path] = []
     window: list[float] = []
-    bar = tqdm(
-        total=config.iterations,
-        initial=start,
-        disable=not progress or processes.rank != 0,
-        desc="train",
-        dynamic_ncols=True,
+    # A bar on a terminal, a line every 10% in a log (no carriage-return redraws).
+    bar = progress_bar(
+        config.iterations, desc="train", initial=start, enabled=progress and processes.rank == 0
     )
     began = time.perf_counter()
     model.train()
@@ -477,6 +479,8 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
                     extra={"skipped_at": skipped_at},
                 )
             )
+            # Only after the new checkpoint is safely in place.
+            prune_checkpoints(config.out_dir, config.keep_last, done)
     bar.close()
     wall_time = time.perf_counter() - began
     tail = [v for v in losses[-config.log_every :] if math.isfinite(v)]
