@@ -254,44 +254,91 @@ class TrajectoryTransformer(Predictor):
         self.layers = nn.ModuleList(TransformerLayer(dim, heads, mlp_ratio) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.mean_head = nn.Linear(dim, features)
-        self.delta_head = _zero_linear(dim, features)
+        # δ reads the trunk and both time embeddings (as in the MLP), so that a finetuned
+        # model whose only trainable part is this head can still make δ depend on the step.
+        self.delta_head = _zero_linear(dim + 2 * time_features, features)
 
     @property
     def event_shape(self) -> tuple[int, ...]:
         return (self.tokens, self.features)
 
-    def _level_mask(
+    def _causal_mask(
         self, levels: int, prefix: int, prefix_mask: Tensor | None, device
     ) -> Tensor | None:
-        """Boolean ``(B or 1, 1, N, N)`` mask over ``[prefix tokens, level tokens]``."""
+        """Boolean ``(B or 1, 1, N, N)`` mask over ``[prefix tokens, level tokens]``: level
+        ``k`` (input ``u_{k+1}``) reads levels ``k' >= k`` (noisier inputs only)."""
         level_of = torch.arange(levels, device=device).repeat_interleave(self.tokens)
-        if self.level_attention == "markov":
-            allowed = level_of[:, None] == level_of[None, :]
-        else:  # level k (input u_{k+1}) reads levels k' >= k: noisier inputs only
-            allowed = level_of[None, :] >= level_of[:, None]
         size = prefix + levels * self.tokens
         mask = torch.ones(size, size, dtype=torch.bool, device=device)
-        mask[prefix:, prefix:] = allowed
+        mask[prefix:, prefix:] = level_of[None, :] >= level_of[:, None]
         mask[:prefix, prefix:] = False  # prefix tokens never read the trajectory
         mask = mask[None, None]
         if prefix_mask is not None:
-            mask = (
-                mask
-                & torch.cat(
-                    [prefix_mask, prefix_mask.new_ones(prefix_mask.shape[0], size - prefix)], dim=1
-                )[:, None, None, :]
+            keys = torch.cat(
+                [prefix_mask, prefix_mask.new_ones(len(prefix_mask), size - prefix)], 1
             )
+            mask = mask & keys[:, None, None, :]
             mask = mask | torch.eye(size, dtype=torch.bool, device=device)  # no empty rows
         return mask
+
+    def _markov(self, h: Tensor, prefix: Tensor | None, prefix_mask: Tensor | None) -> Tensor:
+        """Markov levels folded into the batch: ``(B, K, L, d)`` → ``(B, K, L, d)``.
+
+        Each level attends to its own tokens and the prefix. The prefix never reads the
+        trajectory, so it runs once per sample and its keys/values are shared by the ``K``
+        levels: the cost is linear in ``K`` (a block mask over all levels is quadratic).
+        """
+        batch, levels = h.shape[:2]
+        h = rearrange(h, "b k l d -> (b k) l d")
+        if prefix is None:
+            for layer in self.layers:
+                h = layer(h, None, 0, None)[0]
+            return rearrange(self.norm(h), "(b k) l d -> b k l d", b=batch)
+        size = prefix.shape[1]
+        prefix_attention = level_attention = None
+        if prefix_mask is not None:
+            eye = torch.eye(size, dtype=torch.bool, device=h.device)
+            prefix_attention = prefix_mask[:, None, None, :] | eye  # no empty rows
+            keys = torch.cat([prefix_mask, prefix_mask.new_ones(batch, self.tokens)], dim=1)
+            level_attention = keys.repeat_interleave(levels, dim=0)[:, None, None, :]
+        for layer in self.layers:
+            prefix, cache = layer(prefix, None, 0, prefix_attention)
+            # The prefix keys/values of each sample, once per level, and room for the level's
+            # own (written in place under no_grad, concatenated with autograd on).
+            cache = cache.repeat_interleave(levels, dim=1)
+            cache = torch.cat(
+                [cache, cache.new_empty(*cache.shape[:3], self.tokens, cache.shape[4])], 3
+            )
+            h = layer(h, cache, size, level_attention)[0]
+        return rearrange(self.norm(h), "(b k) l d -> b k l d", b=batch)
+
+    def _check_mask(self, y_mask: Tensor | None, condition: Tensor | None, y: Tensor | None):
+        if y_mask is None:
+            return
+        if y is None:
+            raise ValueError("TrajectoryTransformer got y_mask without y")
+        if not isinstance(y_mask, Tensor) or y_mask.dtype != torch.bool:
+            got = y_mask.dtype if isinstance(y_mask, Tensor) else type(y_mask).__name__
+            raise TypeError(f"TrajectoryTransformer expected a bool y_mask tensor, got {got}")
+        if y_mask.shape != condition.shape[:2]:
+            raise ValueError(
+                f"TrajectoryTransformer expected y_mask of shape (B, M) = "
+                f"{tuple(condition.shape[:2])}, got {tuple(y_mask.shape)}"
+            )
 
     def forward(self, u, t_in, t_out=None, steps=None, y=None, y_mask=None, drop=None):
         self.check_inputs(u, t_in)
         batch, levels = t_in.shape
         time, target_time = self.embed_times(t_in, t_out, steps)
-        h = self.input(u) + self.positions.to(u.dtype) + self.time(time.to(u.dtype))[:, :, None, :]
-        if target_time is not None:
-            h = h + self.target_time(target_time.to(u.dtype))[:, :, None, :]
+        time = time.to(u.dtype)
+        h = self.input(u) + self.positions.to(u.dtype) + self.time(time)[:, :, None, :]
+        if target_time is None:  # a plain velocity call: the (t_out, T) path stays unused
+            target_time = torch.zeros_like(time)
+        else:
+            target_time = target_time.to(u.dtype)
+            h = h + self.target_time(target_time)[:, :, None, :]
         condition = self.null_condition(y, batch, drop, u)
+        self._check_mask(y_mask, condition, y)
         prefix = 0 if condition is None else condition.shape[1]
         if condition is not None and drop is not None:
             # A dropped prompt is exactly one null token (as with y=None), whatever the padded
@@ -299,21 +346,21 @@ class TrajectoryTransformer(Predictor):
             first = torch.arange(prefix, device=u.device) == 0
             kept = y_mask if y_mask is not None else drop.new_ones(batch, prefix)
             y_mask = torch.where(drop[:, None], first[None, :], kept)
-        if self.level_attention == "markov" and prefix == 0:
-            # Levels are independent: fold them into the batch (cheaper than a block mask).
-            h = rearrange(h, "b k l d -> (b k) l d")
-            for layer in self.layers:
-                h = layer(h, None, 0, None)[0]
-            h = rearrange(self.norm(h), "(b k) l d -> b k l d", b=batch)
+        tokens = None if condition is None else self.condition(condition)
+        if self.level_attention == "markov":
+            h = self._markov(h, tokens, y_mask)
         else:
             sequence = rearrange(h, "b k l d -> b (k l) d")
-            if condition is not None:
-                sequence = torch.cat([self.condition(condition), sequence], dim=1)
-            mask = self._level_mask(levels, prefix, y_mask, u.device)
+            if tokens is not None:
+                sequence = torch.cat([tokens, sequence], dim=1)
+            mask = self._causal_mask(levels, prefix, y_mask, u.device)
             for layer in self.layers:
                 sequence = layer(sequence, None, 0, mask)[0]
             h = rearrange(self.norm(sequence[:, prefix:]), "b (k l) d -> b k l d", k=levels)
-        return self.mean_head(h), self.delta_head(h)
+        times = torch.cat([time, target_time], dim=-1)[:, :, None, :].expand(
+            -1, -1, self.tokens, -1
+        )
+        return self.mean_head(h), self.delta_head(torch.cat([h, times], dim=-1))
 
 
 #: Registered predictors.
