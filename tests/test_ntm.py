@@ -288,7 +288,7 @@ def test_conditional_loss_with_prompt_dropout():
 
 def test_input_checks():
     model = NTM(None, mlp())
-    with pytest.raises(ValueError, match=r"NTM expected data of shape \(B, 3\)"):
+    with pytest.raises(ValueError, match=r"NTM.loss expected x0 of shape \(B, 3\)"):
         model.loss(torch.randn(4, 2, dtype=F64))
     with pytest.raises(TypeError, match="floating-point"):
         model.loss(torch.zeros(4, D, dtype=torch.long))

@@ -16,20 +16,59 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from trajflow.core import BLOCKS, Sequential
 from trajflow.flow_matching import FlowMatching
 from trajflow.ntm import NTM
 from trajflow.predictors import PREDICTORS
-from trajflow.registry import Spec
+from trajflow.registry import Registry, Spec
 from trajflow.schedules import ScheduleConfig
 
-__all__ = ["ModelConfig", "toy_flow_matching_config", "toy_ntm_config"]
+__all__ = ["FinetuneConfig", "ModelConfig", "toy_flow_matching_config", "toy_ntm_config"]
+
+
+def _check_spec(registry: Registry, spec: Spec) -> Spec:
+    """``spec`` if its name is registered and its kwargs fit the entry's signature."""
+    registry.check(spec.name)
+    entry = registry.get(spec.name)
+    try:
+        signature = inspect.signature(entry)
+    except ValueError:  # no signature to check against: the build decides
+        return spec
+    try:
+        signature.bind(**spec.kwargs)
+    except TypeError as error:
+        raise ValueError(
+            f"{registry.kind} {spec.name!r} does not take {sorted(spec.kwargs)} ({error}); "
+            f"expected {spec.name}{signature}"
+        ) from None
+    return spec
+
+
+class FinetuneConfig(BaseModel):
+    """How an NTM was initialised from flow matching (:meth:`NTM.from_flow_matching`).
+
+    A finetuned NTM's checkpoint holds no teacher: rebuilding it from the config gives the
+    NTM with the same architecture and the same frozen parameters (``no_delta_mean``), with
+    the auxiliary loss off. See :meth:`ModelConfig.finetuned_from`.
+
+    Attributes:
+        no_delta_mean: Only the δ head of the predictor (and the transporter) train.
+        aux_weight: λ of the mean-alignment loss at step 0 (a record: no teacher on reload).
+        aux_steps: Steps of its cosine decay (a record, likewise).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    no_delta_mean: bool = False
+    aux_weight: float = Field(2.5, ge=0, allow_inf_nan=False)
+    aux_steps: int = Field(1000, ge=0)
 
 
 class ModelConfig(BaseModel):
@@ -42,6 +81,10 @@ class ModelConfig(BaseModel):
         schedule: Trajectory schedule.
         mode: NTM training mode.
         cfg_dropout: Condition dropout in training.
+        time_independent_transporter: Accept a transporter that ignores time (see
+            :class:`~trajflow.ntm.NTM`).
+        finetune: Set for an NTM finetuned from flow matching (its predictor is the FM
+            velocity network); ``None`` for a model trained from scratch.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -52,29 +95,87 @@ class ModelConfig(BaseModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     mode: Literal["end_to_end", "pairwise"] = "end_to_end"
     cfg_dropout: float = Field(0.1, ge=0, lt=1)
+    time_independent_transporter: bool = False
+    finetune: FinetuneConfig | None = None
 
     @field_validator("predictor")
     @classmethod
     def _known_predictor(cls, spec: Spec) -> Spec:
-        PREDICTORS.check(spec.name)
-        return spec
+        return _check_spec(PREDICTORS, spec)
 
     @field_validator("transporter")
     @classmethod
     def _known_blocks(cls, specs: list[Spec]) -> list[Spec]:
         for spec in specs:
-            BLOCKS.check(spec.name)
+            _check_spec(BLOCKS, spec)
         return specs
 
+    @model_validator(mode="after")
+    def _ntm_only_fields(self) -> ModelConfig:
+        if self.kind == "flow_matching":
+            for name in ("transporter", "finetune"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} is an NTM setting; kind='flow_matching' has none")
+        return self
+
+    @classmethod
+    def finetuned_from(
+        cls,
+        flow_matching: ModelConfig,
+        transporter: Sequence[Spec | dict] = (),
+        schedule: ScheduleConfig | None = None,
+        no_delta_mean: bool = False,
+        aux_weight: float = 2.5,
+        aux_steps: int = 1000,
+        **fields,
+    ) -> ModelConfig:
+        """The config of ``NTM.from_flow_matching(fm, transporter, ...)`` for the FM model of
+        ``flow_matching``: what a checkpoint of the finetuned model is reloaded from.
+
+        Example:
+            >>> fm = toy_flow_matching_config(predictor_hidden=[16])
+            >>> config = ModelConfig.finetuned_from(fm, no_delta_mean=True)
+            >>> model = config.build()
+            >>> model.teacher is None, model.no_delta_mean, model.predictor.target
+            (True, True, 'velocity')
+        """
+        if flow_matching.kind != "flow_matching":
+            raise ValueError(
+                f"finetuned_from expected a kind='flow_matching' config, got {flow_matching.kind!r}"
+            )
+        finetune = FinetuneConfig(
+            no_delta_mean=no_delta_mean, aux_weight=aux_weight, aux_steps=aux_steps
+        )
+        return cls(
+            kind="ntm",
+            predictor=flow_matching.predictor,
+            transporter=list(transporter),
+            schedule=flow_matching.schedule if schedule is None else schedule,
+            finetune=finetune,
+            **fields,
+        )
+
     def build(self) -> nn.Module:
-        """Instantiates the model with fresh parameters."""
+        """Instantiates the model with fresh parameters.
+
+        A finetuned NTM (``finetune`` set) is built without its teacher: load its weights
+        from the checkpoint; the auxiliary loss stays off.
+        """
         predictor = PREDICTORS.build(self.predictor)
         if self.kind == "flow_matching":
             return FlowMatching(predictor, self.schedule, cfg_dropout=self.cfg_dropout)
         transporter = Sequential.from_specs(self.transporter)
-        return NTM(
-            transporter, predictor, self.schedule, mode=self.mode, cfg_dropout=self.cfg_dropout
+        model = NTM(
+            transporter,
+            predictor,
+            self.schedule,
+            mode=self.mode,
+            cfg_dropout=self.cfg_dropout,
+            time_independent_transporter=self.time_independent_transporter,
         )
+        if self.finetune is not None:
+            model.prepare_finetuning(**self.finetune.model_dump())
+        return model
 
 
 def toy_ntm_config(

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from trajflow.checks import check_count, check_data, check_finite, check_number
 from trajflow.predictors import Predictor
 from trajflow.schedules import (
     ScheduleConfig,
@@ -59,6 +60,17 @@ class FlowMatching(nn.Module):
         self, net: Predictor, schedule: ScheduleConfig | None = None, cfg_dropout: float = 0.1
     ):
         super().__init__()
+        if not isinstance(net, Predictor):
+            raise TypeError(
+                f"FlowMatching expected net to be a Predictor (see PREDICTORS), "
+                f"got {type(net).__name__}"
+            )
+        if schedule is not None and not isinstance(schedule, ScheduleConfig):
+            raise TypeError(
+                f"FlowMatching expected schedule to be a ScheduleConfig, "
+                f"got {type(schedule).__name__}"
+            )
+        check_number("FlowMatching", "cfg_dropout", cfg_dropout, 0.0, 1.0, open_high=True)
         if net.target != "velocity":
             raise ValueError("FlowMatching needs a predictor built with target='velocity'")
         self.net = net
@@ -79,12 +91,16 @@ class FlowMatching(nn.Module):
         step: int = 0,
         generator: torch.Generator | None = None,
     ) -> FlowMatchingLoss:
-        """Velocity regression at ``t ~ U(0, 1)``: mean over samples of ``‖v - (ε - x_0)‖² / D``."""
-        if tuple(x0.shape[1:]) != self.event_shape:
-            raise ValueError(
-                f"FlowMatching expected data of shape (B, *{self.event_shape}), "
-                f"got {tuple(x0.shape)}"
-            )
+        """Velocity regression at ``t ~ U(0, 1)``: mean over samples of ``‖v - (ε - x_0)‖² / D``.
+
+        Raises:
+            TypeError, ValueError: For data that is not a finite, non-empty floating batch
+                ``(B, *event)`` of the model's dtype, or a non-finite condition.
+        """
+        check_data("FlowMatching.loss", "x0", x0, self.event_shape, self._device_dtype()[1])
+        if isinstance(y, Tensor):
+            check_finite("FlowMatching.loss", "y", y)
+        check_count("FlowMatching.loss", "step", step, minimum=0)
         batch = x0.shape[0]
         t = torch.rand(batch, generator=generator, dtype=x0.dtype).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
@@ -120,9 +136,21 @@ class FlowMatching(nn.Module):
             y_mask: Its token mask.
             generator: Seeds the noise.
             t_min: Last level of the ancestral chain (default: the schedule's ``t_min_eval``).
+
+        Raises:
+            TypeError, ValueError: For ``n`` or ``steps`` not an integer ``>= 1``, an unknown
+                method, ``t_min`` outside ``(0, 1)`` or a non-finite ``y``.
         """
-        parameter = next(self.net.parameters())
-        device, dtype = parameter.device, parameter.dtype
+        owner = "FlowMatching.sample"
+        n = check_count(owner, "n", n)
+        steps = check_count(owner, "steps", steps)
+        if method not in ("euler", "heun", "ancestral"):
+            raise ValueError(f"method must be 'euler', 'heun' or 'ancestral', got {method!r}")
+        if t_min is not None:
+            t_min = check_number(owner, "t_min", t_min, 0.0, 1.0, open_low=True, open_high=True)
+        if isinstance(y, Tensor):
+            check_finite(owner, "y", y)
+        device, dtype = self._device_dtype()
 
         def noise() -> Tensor:
             return torch.randn((n, *self.event_shape), generator=generator, dtype=dtype).to(device)
@@ -137,8 +165,6 @@ class FlowMatching(nn.Module):
                 std = _expand(posterior_coefficients(s, t).c2.sqrt(), x)
                 x = mean + std * noise()
             return x
-        if method not in ("euler", "heun"):
-            raise ValueError(f"method must be 'euler', 'heun' or 'ancestral', got {method!r}")
         grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
         for t, s in zip(grid[:-1].tolist(), grid[1:].tolist(), strict=True):
             t_batch = torch.full((n,), t, dtype=dtype, device=device)
@@ -148,6 +174,13 @@ class FlowMatching(nn.Module):
                 v = 0.5 * (v + self.velocity(x_euler, torch.full_like(t_batch, s), y, y_mask))
             x = x + (s - t) * v
         return x
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where the network lives and its floating dtype (CPU float32 without parameters)."""
+        for parameter in self.net.parameters():
+            if parameter.is_floating_point():
+                return parameter.device, parameter.dtype
+        return torch.device("cpu"), torch.get_default_dtype()
 
     @staticmethod
     def evaluations(steps: int, method: Method) -> int:

@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from trajflow.core import Context, Sequential
+from trajflow.checks import check_count, check_data, check_finite, check_number
+from trajflow.core import Block, Context, Sequential
 from trajflow.predictors import Predictor
 from trajflow.schedules import (
     ScheduleConfig,
@@ -65,7 +67,12 @@ def guided_gaussian(
 
     ``r = min((σ_c/σ_u)², 1)``, ``σ = σ_c / sqrt(1 + w - w r)``,
     ``μ = ((1+w) μ_c - w r μ_u) / (1 + w - w r)``. ``w = 0`` gives the conditional step.
+
+    Raises:
+        ValueError: If ``w`` is not a finite number ``>= 0`` (below -1 the variance would be
+            negative: NaN).
     """
+    weight = check_number("guided_gaussian", "the guidance weight w", weight, low=0.0)
     ratio = torch.clamp((std_cond / std_uncond).square(), max=1.0)
     norm = 1 + weight - weight * ratio
     return ((1 + weight) * mean_cond - weight * ratio * mean_uncond) / norm, std_cond / norm.sqrt()
@@ -117,23 +124,56 @@ class NTM(nn.Module):
         mode: ``"end_to_end"`` (all ``T`` factors) or ``"pairwise"`` (one random step per
             sample, an unbiased estimate of the same NLL at a fraction of the cost).
         cfg_dropout: Probability of replacing the condition by the null condition in training.
+        time_independent_transporter: Accept a non-empty transporter none of whose blocks
+            reads ``ctx.t`` (see :attr:`~trajflow.core.Block.uses_time`). The method wants a
+            time-conditioned transporter, so such a transporter is rejected unless you opt
+            in here: one built with ``time_features=0`` by accident would silently apply the
+            same map at every level.
+
+    Raises:
+        TypeError: If the transporter is not a Block or the predictor not a Predictor.
+        ValueError: For an unknown mode, a ``cfg_dropout`` outside ``[0, 1)``, or a
+            transporter that ignores time without ``time_independent_transporter=True``.
     """
 
     def __init__(
         self,
-        transporter: Sequential | None,
+        transporter: Block | None,
         predictor: Predictor,
         schedule: ScheduleConfig | None = None,
         mode: Mode = "end_to_end",
         cfg_dropout: float = 0.1,
+        time_independent_transporter: bool = False,
     ):
         super().__init__()
+        if transporter is not None and not isinstance(transporter, Block):
+            raise TypeError(
+                f"NTM expected the transporter to be a Block (e.g. a Sequential) or None, "
+                f"got {type(transporter).__name__}"
+            )
+        if not isinstance(predictor, Predictor):
+            raise TypeError(
+                f"NTM expected the predictor to be a Predictor (see PREDICTORS), "
+                f"got {type(predictor).__name__}"
+            )
+        if schedule is not None and not isinstance(schedule, ScheduleConfig):
+            raise TypeError(
+                f"NTM expected schedule to be a ScheduleConfig, got {type(schedule).__name__}"
+            )
         if mode not in ("end_to_end", "pairwise"):
             raise ValueError(f"mode must be 'end_to_end' or 'pairwise', got {mode!r}")
-        if not 0 <= cfg_dropout < 1:
-            raise ValueError(f"cfg_dropout must lie in [0, 1), got {cfg_dropout}")
+        check_number("NTM", "cfg_dropout", cfg_dropout, low=0.0, high=1.0, open_high=True)
         self._check_mode(mode, predictor)
-        self.transporter = transporter if transporter is not None else Sequential()
+        transporter = transporter if transporter is not None else Sequential()
+        identity = isinstance(transporter, Sequential) and len(transporter) == 0
+        if not identity and not transporter.uses_time and not time_independent_transporter:
+            raise ValueError(
+                "NTM expected a time-conditioned transporter, but none of its blocks reads "
+                "ctx.t (build them with time_features > 0); pass "
+                "time_independent_transporter=True if the same map at every level is intended"
+            )
+        self.time_independent_transporter = time_independent_transporter
+        self.transporter = transporter
         self.predictor = predictor
         self.schedule = schedule or ScheduleConfig()
         self.grid = self.schedule.build()
@@ -141,9 +181,50 @@ class NTM(nn.Module):
         self.cfg_dropout = cfg_dropout
         self.event_shape = tuple(predictor.event_shape)
         self.dimension = math.prod(self.event_shape)
-        # Finetuning from flow matching; see from_flow_matching.
-        self.teacher: Predictor | None = None
+        # Finetuning from flow matching; see from_flow_matching and prepare_finetuning.
+        self.teacher = None
         self.aux_weight, self.aux_steps = 0.0, 0
+        self.no_delta_mean = False
+
+    # ----------------------------------------------------------------- the teacher
+    # The frozen FM network of a finetuned model is deliberately *not* a submodule: it must
+    # stay out of state_dict (checkpoints), parameters() (optimizer, EMA updates) and
+    # train()/eval() switching. It follows the model across .to()/.double() through _apply,
+    # and copies of the model (the EMA is a deepcopy) share it rather than duplicate it.
+    @property
+    def teacher(self) -> Predictor | None:
+        """The frozen flow-matching network of the auxiliary loss (``None`` if there is none);
+        always in eval mode and without gradients, never in ``state_dict``."""
+        return self.__dict__.get("_teacher")
+
+    @teacher.setter
+    def teacher(self, value: Predictor | None) -> None:
+        if value is not None:
+            if not isinstance(value, Predictor):
+                raise TypeError(f"NTM expected a Predictor teacher, got {type(value).__name__}")
+            value.requires_grad_(False).eval()
+        self.__dict__["_teacher"] = value
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "teacher":  # nn.Module would register a Module value as a submodule
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def __deepcopy__(self, memo: dict) -> NTM:
+        if self.teacher is not None:
+            memo.setdefault(id(self.teacher), self.teacher)  # shared, not copied
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            copied.__dict__[key] = copy.deepcopy(value, memo)
+        return copied
 
     # ----------------------------------------------------------------- building blocks
     def transport(self, x: Tensor, t: Tensor, steps: int | Tensor) -> tuple[Tensor, Tensor]:
@@ -261,9 +342,16 @@ class NTM(nn.Module):
             mode: Overrides the model's mode for this call.
             step: Training step (drives the decay of the auxiliary loss weight).
             generator: Seeds every random draw.
+
+        Raises:
+            TypeError, ValueError: For data that is not a finite, non-empty floating batch
+                ``(B, *event)`` of the model's dtype, a non-finite condition, or a bad mode.
         """
-        self._check_data(x0)
-        mode = mode or self.mode
+        self._check_data("NTM.loss", "x0", x0, y)
+        step = check_count("NTM.loss", "step", step, minimum=0)
+        mode = self.mode if mode is None else mode
+        if mode not in ("end_to_end", "pairwise"):
+            raise ValueError(f"NTM.loss expected mode 'end_to_end' or 'pairwise', got {mode!r}")
         self._check_mode(mode, self.predictor)
         batch = x0.shape[0]
         steps = draw_steps(self.schedule.steps, generator)
@@ -314,9 +402,20 @@ class NTM(nn.Module):
                 mapped to ``[-1, 1]``; bits/dim then bound ``-log P(k)``.
             samples: Monte Carlo trajectories per point.
             generator: Seeds the forward trajectories.
+
+        Raises:
+            TypeError, ValueError: For data that is not a finite, non-empty floating batch
+                ``(B, *event)`` of the model's dtype, or a bad ``steps``, ``t0``, ``samples``
+                or ``quantization_levels``.
         """
-        self._check_data(x)
+        owner = "NTM.data_bound"
+        self._check_data(owner, "x", x, y)
+        steps = check_count(owner, "steps", steps)
+        samples = check_count(owner, "samples", samples)
+        if quantization_levels is not None:
+            quantization_levels = check_count(owner, "quantization_levels", quantization_levels, 2)
         t0 = self.schedule.t_min_eval if t0 is None else t0
+        t0 = check_number(owner, "t0", t0, low=0.0, high=1.0, open_low=True, open_high=True)
         times = self.grid(steps, torch.full((x.shape[0],), t0, dtype=torch.float64)).to(x.device)
         event_dims = len(self.event_shape)
         total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
@@ -368,12 +467,26 @@ class NTM(nn.Module):
 
         Returns:
             ``x_{t_0}`` ``(n, *event)`` (and the u-trajectory if asked).
+
+        Raises:
+            TypeError, ValueError: For ``n`` or ``steps`` not an integer ``>= 1``, ``cfg`` or
+                ``temperature`` not a finite number ``>= 0``, ``t_min`` outside ``(0, 1)``,
+                guidance without a conditional predictor, or a non-finite ``y``.
         """
+        owner = "NTM.sample"
+        n = check_count(owner, "n", n)
+        steps = check_count(owner, "steps", steps)
+        cfg = check_number(owner, "the guidance weight cfg", cfg, low=0.0)
+        temperature = check_number(owner, "temperature", temperature, low=0.0)
         if cfg and not self.predictor.cond_features:
             raise ValueError("classifier-free guidance needs a predictor with cond_features > 0")
-        parameter = next(self.predictor.parameters())
-        device, dtype = parameter.device, parameter.dtype
+        if isinstance(y, Tensor):
+            check_finite(owner, "y", y)
+        device, dtype = self._device_dtype()
         t_min = self.schedule.t_min_eval if t_min is None else t_min
+        t_min = check_number(
+            owner, "t_min", t_min, low=0.0, high=1.0, open_low=True, open_high=True
+        )
         times = self.grid(steps, torch.full((n,), t_min, dtype=torch.float64)).to(device)
 
         def noise() -> Tensor:
@@ -415,7 +528,7 @@ class NTM(nn.Module):
     def from_flow_matching(
         cls,
         fm: nn.Module,
-        transporter: Sequential | None = None,
+        transporter: Block | None = None,
         schedule: ScheduleConfig | None = None,
         no_delta_mean: bool = False,
         aux_weight: float = 2.5,
@@ -427,25 +540,68 @@ class NTM(nn.Module):
         The predictor is a copy of the velocity network (``x̂_0 = u_t - t v``, ``μ = μ_post``),
         ``δ`` starts at zero and the transporter should start as the identity, so at step 0
         the NTM *is* the FM model's Gaussian ancestral sampler. A frozen copy of the FM network
-        gives the mean-alignment loss ``‖μ_P - μ_FM‖²`` with weight ``aux_weight``
-        cosine-decayed to 0 over ``aux_steps``.
+        (the :attr:`teacher`, kept out of ``state_dict`` and of the EMA) gives the
+        mean-alignment loss ``‖μ_P - μ_FM‖²`` with weight ``aux_weight`` cosine-decayed to 0
+        over ``aux_steps``.
+
+        To checkpoint the finetuned model, save it with the config of
+        :meth:`trajflow.config.ModelConfig.finetuned_from`: loading rebuilds it without the
+        teacher (so without the auxiliary loss) but with the same trainable parameters.
 
         Args:
             fm: The flow-matching model (its ``net`` must have ``target="velocity"``).
             transporter: Identity-initialised transporter (``None``: identity).
+            schedule: Trajectory schedule (default: the FM model's).
             no_delta_mean: Keep ``μ_P = μ_post`` exactly: only ``δ`` and the transporter learn.
             aux_weight: λ at step 0. aux_steps: Steps of the cosine decay.
+            **kwargs: More :class:`NTM` arguments (``mode``, ``cfg_dropout``, ...).
         """
-        if fm.net.target != "velocity":
+        net = getattr(fm, "net", None)
+        if not isinstance(net, Predictor):
+            raise TypeError(
+                f"from_flow_matching expected a FlowMatching model (with a Predictor .net), "
+                f"got {type(fm).__name__}"
+            )
+        if net.target != "velocity":
             raise ValueError("from_flow_matching expects a velocity network (target='velocity')")
         schedule = fm.schedule if schedule is None else schedule
-        model = cls(transporter, copy.deepcopy(fm.net), schedule, **kwargs)
-        model.teacher = copy.deepcopy(fm.net).requires_grad_(False).eval()
-        model.aux_weight, model.aux_steps = aux_weight, aux_steps
-        if no_delta_mean:
-            for name, parameter in model.predictor.named_parameters():
-                parameter.requires_grad_(name.startswith("delta_head"))
+        model = cls(transporter, copy.deepcopy(net), schedule, **kwargs)
+        model.prepare_finetuning(no_delta_mean, aux_weight, aux_steps, teacher=copy.deepcopy(net))
         return model
+
+    def prepare_finetuning(
+        self,
+        no_delta_mean: bool = False,
+        aux_weight: float = 2.5,
+        aux_steps: int = 1000,
+        teacher: Predictor | None = None,
+    ) -> None:
+        """Makes this (velocity-predictor) NTM a model finetuned from flow matching.
+
+        :meth:`from_flow_matching` calls it with the teacher; rebuilding a finetuned model
+        from its :class:`~trajflow.config.ModelConfig` calls it without one, which freezes
+        the same parameters (so an optimizer state saved with the model still fits) and
+        leaves the auxiliary loss off. To resume with the auxiliary loss, rebuild the model
+        with :meth:`from_flow_matching` and load the checkpoint into it.
+
+        Args:
+            no_delta_mean: Train only the ``δ`` head of the predictor (and the transporter).
+            aux_weight: λ at step 0 (needs a teacher to take effect).
+            aux_steps: Steps of the cosine decay of λ.
+            teacher: The frozen flow-matching network, or ``None``.
+        """
+        if self.predictor.target != "velocity":
+            raise ValueError(
+                "a finetuned NTM needs a velocity predictor (target='velocity'), got "
+                f"target={self.predictor.target!r}"
+            )
+        self.aux_weight = check_number("NTM", "aux_weight", aux_weight, low=0.0)
+        self.aux_steps = check_count("NTM", "aux_steps", aux_steps, minimum=0)
+        self.no_delta_mean = bool(no_delta_mean)
+        if no_delta_mean:
+            for name, parameter in self.predictor.named_parameters():
+                parameter.requires_grad_(name.startswith("delta_head"))
+        self.teacher = teacher
 
     def aux_weight_at(self, step: int) -> float:
         """λ cosine-decayed from ``aux_weight`` at step 0 to 0 at ``aux_steps``."""
@@ -479,13 +635,17 @@ class NTM(nn.Module):
     def _event_text(self) -> str:
         return ", ".join(map(str, self.event_shape))
 
-    def _check_data(self, x: Tensor) -> None:
-        if not x.is_floating_point():
-            raise TypeError(f"NTM expected floating-point data, got dtype {x.dtype}")
-        if tuple(x.shape[1:]) != self.event_shape:
-            raise ValueError(
-                f"NTM expected data of shape (B, {self._event_text()}), got {tuple(x.shape)}"
-            )
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where the model lives and its floating dtype (CPU float32 without parameters)."""
+        for tensor in itertools.chain(self.predictor.parameters(), self.transporter.parameters()):
+            if tensor.is_floating_point():
+                return tensor.device, tensor.dtype
+        return torch.device("cpu"), torch.get_default_dtype()
+
+    def _check_data(self, owner: str, name: str, x: Tensor, y: Tensor | None) -> None:
+        check_data(owner, name, x, self.event_shape, self._device_dtype()[1])
+        if isinstance(y, Tensor):
+            check_finite(owner, "y", y)
 
     def _check_levels(self, trajectory: Tensor, times: Tensor) -> None:
         if (
