@@ -84,14 +84,15 @@ def check_block(
     The block is deep-copied, so stateful blocks (ActNorm's first call) are left as they were.
 
     Checks:
-        * ``inverse(forward(x)) == x`` and ``forward(inverse(x)) == x`` (``x`` reused as a latent);
+        * ``inverse(forward(x)) == x`` and ``forward(inverse(x)) == x`` (``x`` reused as a latent,
+          reshaped to the output's layout for blocks such as ``squeeze`` that change the shape);
         * forward logdet equals ``slogdet`` of the autograd Jacobian of each sample;
         * inverse logdet is minus the forward logdet at the matching point;
         * outputs are finite and no sample's output depends on another sample's input.
 
     Args:
         block: The block to check.
-        x: An input batch, ``(B, D)`` or ``(B, L, C)``.
+        x: An input batch, ``(B, D)``, ``(B, L, C)`` or ``(B, C, H, W)``.
         ctx: The context the block needs, if any.
         atol: Absolute tolerance of every check.
         jacobian: Also compare with the autograd Jacobian (costs ``B·numel`` backward passes).
@@ -103,21 +104,26 @@ def check_block(
         AssertionError: Naming the first check that failed and by how much.
     """
     block = copy.deepcopy(block)
-    with torch.no_grad():
-        y, logdet = block(x, ctx)
-        x_again, inverse_logdet = block.inverse(y, ctx)
-        x_from_latent, logdet_from_latent = block.inverse(x, ctx)
-        latent_again, logdet_back = block(x_from_latent, ctx)
 
     def expect(condition: bool, message: str) -> None:
         if not condition:
             raise AssertionError(f"{type(block).__name__}: {message}")
 
-    expect(y.shape == x.shape, f"forward changed the shape {tuple(x.shape)} -> {tuple(y.shape)}")
+    with torch.no_grad():
+        y, logdet = block(x, ctx)
+        # A bijection keeps the number of entries; the layout may change (space-to-depth).
+        expect(
+            y.numel() == x.numel(), f"forward changed the size {tuple(x.shape)} -> {tuple(y.shape)}"
+        )
+        latent = x.reshape(y.shape)
+        x_again, inverse_logdet = block.inverse(y, ctx)
+        x_from_latent, logdet_from_latent = block.inverse(latent, ctx)
+        latent_again, logdet_back = block(x_from_latent, ctx)
+
     expect(logdet.shape == (x.shape[0],), f"logdet has shape {tuple(logdet.shape)}, expected (B,)")
     expect(bool(torch.isfinite(y).all() and torch.isfinite(logdet).all()), "non-finite output")
     roundtrip = (x_again - x).abs().max().item()
-    inverse_roundtrip = (latent_again - x).abs().max().item()
+    inverse_roundtrip = (latent_again - latent).abs().max().item()
     inverse_logdet_error = max(
         (inverse_logdet + logdet).abs().max().item(),
         (logdet_from_latent + logdet_back).abs().max().item(),

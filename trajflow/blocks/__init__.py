@@ -1,6 +1,8 @@
 """Registered invertible blocks. Importing this package registers all of them in BLOCKS."""
 
 from trajflow.blocks.coupling import AdditiveCoupling, AffineCoupling, Coupling, soft_clamp
+from trajflow.blocks.image import Conv1x1, ImageActNorm, MultiScale, Squeeze, glow_levels
+from trajflow.blocks.image_coupling import ConvAffineCoupling
 from trajflow.blocks.linear import ActNorm, FixedPermutation, LULinear, Reverse
 from trajflow.blocks.spline import (
     SplineCoupling,
@@ -14,13 +16,19 @@ __all__ = [
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
+    "Conv1x1",
+    "ConvAffineCoupling",
     "Coupling",
     "FixedPermutation",
+    "ImageActNorm",
     "LULinear",
+    "MultiScale",
     "Reverse",
     "SplineCoupling",
     "SplineKnots",
+    "Squeeze",
     "TarFlowBlock",
+    "glow_levels",
     "rational_quadratic_spline",
     "soft_clamp",
     "spline_knots",
