@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trajflow.nn import sinusoidal_embedding
 from trajflow.predictors import PREDICTORS, MLPPredictor, TrajectoryTransformer
 from trajflow.testing import perturb_parameters
 
@@ -117,6 +118,66 @@ def test_rows_of_the_batch_are_independent(name):
     assert not torch.allclose(head2[1], head[1])
 
 
+# --------------------------------------------------------------------------- the δ head
+TF = 8  # time_features of build()
+
+
+def embed(values: torch.Tensor) -> torch.Tensor:
+    """The documented time embedding, per entry: ``(...,) -> (..., TF)``."""
+    return sinusoidal_embedding(values.reshape(-1), TF).reshape(*values.shape, TF)
+
+
+def only_delta_columns(net, start: int, stop: int, seed: int = 0) -> torch.Tensor:
+    """Zeroes the δ head but for random weights on input columns ``[start, stop)``."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(net.delta_head.weight.shape, generator=generator, dtype=F64)
+    with torch.no_grad():
+        net.delta_head.weight.zero_()
+        net.delta_head.bias.zero_()
+        net.delta_head.weight[:, start:stop] = weight[:, start:stop]
+    return weight[:, start:stop]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_delta_head_reads_the_t_in_and_target_embeddings(name):
+    """δ = W [h, emb(t_in), emb(t_out) + emb(T / 1000)] + b: each time block by hand."""
+    net = build(name, perturb=False)
+    u, t_in, t_out, steps = inputs(name)
+    trunk = net.delta_head.in_features - 2 * TF
+
+    def per_token(value):  # (B, K, out) broadcast over the transformer's tokens
+        return value if name == "mlp" else value[:, :, None, :]
+
+    weight = only_delta_columns(net, trunk, trunk + TF)
+    expected = per_token(embed(t_in) @ weight.T)
+    torch.testing.assert_close(net(u, t_in, t_out, steps)[1], expected.expand_as(u))
+    torch.testing.assert_close(net(u, t_in)[1], expected.expand_as(u))  # velocity call
+    assert expected.abs().max() > 1e-2
+
+    weight = only_delta_columns(net, trunk + TF, trunk + 2 * TF, seed=1)
+    target = embed(t_out) + embed((steps.to(F64) / 1000)[:, None].expand_as(t_in))
+    expected = per_token(target @ weight.T)
+    torch.testing.assert_close(net(u, t_in, t_out, steps)[1], expected.expand_as(u))
+    assert net(u, t_in)[1].abs().max() == 0  # no (t_out, T): that block reads zeros
+    assert expected.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_delta_depends_on_the_step_when_only_the_delta_head_learned(name):
+    """What finetuning with no_delta_mean leaves: a flow-matching net (zero (t_out, T) and δ
+    heads) whose δ head alone moved. δ must still follow t_out and T (issue 6, item 4)."""
+    net = build(name)
+    with torch.no_grad():
+        for parameter in [*net.delta_head.parameters(), *net.target_time.parameters()]:
+            parameter.zero_()
+    perturb_parameters(net.delta_head, scale=0.3, seed=5)
+    u, t_in, t_out, steps = inputs(name)
+    delta = net(u, t_in, t_out, steps)[1]
+    for other_t_out, other_steps in ((0.5 * t_out, steps), (t_out, steps * 2)):
+        changed = net(u, t_in, other_t_out, other_steps)[1]
+        assert (changed - delta).abs().max() > 1e-3
+
+
 # --------------------------------------------------------------------------- level causality
 def level_dependence(net, u, t_in, t_out, steps, y=None) -> torch.Tensor:
     """``changed[k, j]``: whether output level ``k`` changes when the input of level ``j`` does."""
@@ -184,6 +245,86 @@ def test_level_k_equals_the_suffix_pass_the_sampler_uses(level_attention, cond):
         part = net(u[:, k:stop], t_in[:, k:stop], t_out[:, k:stop], steps, y)
         torch.testing.assert_close(part[0][:, 0], head[:, k], rtol=0, atol=1e-10)
         torch.testing.assert_close(part[1][:, 0], delta[:, k], rtol=0, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- markov with a prompt
+def block_mask_reference(net, u, t_in, t_out, steps, y, y_mask=None, drop=None):
+    """The markov pass with a prompt computed the quadratic way: every level in one sequence
+    behind the prompt tokens, a block mask keeping levels apart (what the fold replaced)."""
+    batch, levels = t_in.shape
+    time, target = net.embed_times(t_in, t_out, steps)
+    h = net.input(u) + net.positions + (net.time(time) + net.target_time(target))[:, :, None]
+    condition = net.null_condition(y, batch, drop, u)
+    prefix = condition.shape[1]
+    if drop is not None:  # a dropped prompt is one null token
+        first = torch.arange(prefix) == 0
+        kept = y_mask if y_mask is not None else torch.ones(batch, prefix, dtype=torch.bool)
+        y_mask = torch.where(drop[:, None], first[None, :], kept)
+    sequence = torch.cat([net.condition(condition), h.flatten(1, 2)], dim=1)
+    size = prefix + levels * L
+    level_of = torch.arange(levels).repeat_interleave(L)
+    mask = torch.ones(size, size, dtype=torch.bool)
+    mask[prefix:, prefix:] = level_of[:, None] == level_of[None, :]
+    mask[:prefix, prefix:] = False
+    mask = mask[None, None]
+    if y_mask is not None:
+        keys = torch.cat([y_mask, torch.ones(batch, levels * L, dtype=torch.bool)], dim=1)
+        mask = (mask & keys[:, None, None, :]) | torch.eye(size, dtype=torch.bool)
+    for layer in net.layers:
+        sequence = layer(sequence, None, 0, mask)[0]
+    h = net.norm(sequence[:, prefix:]).unflatten(1, (levels, L))
+    times = torch.cat([time, target], dim=-1)[:, :, None].expand(-1, -1, L, -1)
+    return net.mean_head(h), net.delta_head(torch.cat([h, times], dim=-1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    levels=st.integers(1, 5),
+    tokens=st.integers(1, 4),
+    masked=st.booleans(),
+    dropped=st.booleans(),
+    grad=st.booleans(),
+)
+def test_markov_prompt_fold_matches_the_block_mask(seed, levels, tokens, masked, dropped, grad):
+    """Folding levels into the batch (prompt keys/values shared per level) computes what the
+    block-mask sequence computes, with padding, prompt dropout, and with or without autograd
+    (the cache is concatenated or written in place)."""
+    net = build("trajectory_transformer", seed=seed % 7, cond_features=FC)
+    batch = 3
+    u, t_in, t_out, steps = inputs("trajectory_transformer", seed, batch=batch, levels=levels)
+    y = condition("trajectory_transformer", seed, batch=batch, tokens=tokens)
+    generator = torch.Generator().manual_seed(seed)
+    y_mask = torch.rand(batch, tokens, generator=generator) < 0.6 if masked else None
+    drop = torch.rand(batch, generator=generator) < 0.5 if dropped else None
+    with torch.set_grad_enabled(grad):
+        head, delta = net(u, t_in, t_out, steps, y, y_mask, drop)
+        expected_head, expected_delta = block_mask_reference(
+            net, u, t_in, t_out, steps, y, y_mask, drop
+        )
+    torch.testing.assert_close(head, expected_head, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(delta, expected_delta, rtol=1e-9, atol=1e-10)
+    if grad:  # gradients reach the prompt through the shared keys/values
+        (head.square().sum() + delta.sum()).backward()
+        assert net.condition.weight.grad.abs().max() > 0
+
+
+def test_markov_prompt_attention_cost_is_linear_in_levels(monkeypatch):
+    """No attention call sees more keys than one level and the prompt: M + L, whatever K."""
+    net = build("trajectory_transformer", cond_features=FC)
+    levels, tokens = 6, 4
+    u, t_in, t_out, steps = inputs("trajectory_transformer", levels=levels)
+    y = condition("trajectory_transformer", tokens=tokens)
+    keys = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        keys.append(key.shape[-2])
+        return attention(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    net(u, t_in, t_out, steps, y)
+    assert keys and max(keys) == tokens + L, keys
 
 
 # --------------------------------------------------------------------------- conditioning
@@ -339,3 +480,28 @@ def test_bad_constructor_arguments(name, kwargs, match):
 def test_build_rejects_unknown_keyword_with_signature():
     with pytest.raises(TypeError, match="expected mlp"):
         PREDICTORS.build("mlp", features=2, width=3)
+
+
+def test_bad_prompt_masks_name_what_was_expected():
+    net = build("trajectory_transformer", perturb=False, cond_features=FC)
+    u, t_in, _, _ = inputs("trajectory_transformer")
+    y = condition("trajectory_transformer")
+    with pytest.raises(
+        ValueError, match=r"expected y_mask of shape \(B, M\) = \(2, 3\), got \(2, 2\)"
+    ):
+        net(u, t_in, y=y, y_mask=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"expected a bool y_mask tensor, got torch\.float64"):
+        net(u, t_in, y=y, y_mask=torch.ones(2, 3, dtype=F64))
+    with pytest.raises(ValueError, match="y_mask without y"):
+        net(u, t_in, y_mask=torch.ones(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "drop", [torch.ones(3, dtype=torch.bool), torch.ones(2), [True, False]], ids=str
+)
+def test_bad_drop_names_what_was_expected(name, drop):
+    net = build(name, perturb=False, cond_features=FC)
+    u, t_in, _, _ = inputs(name)
+    with pytest.raises(ValueError, match=r"expected drop to be a bool tensor of shape \(2,\)"):
+        net(u, t_in, y=condition(name), drop=drop)

@@ -143,6 +143,12 @@ class Predictor(nn.Module, ABC):
         y = y.to(like.dtype)
         if drop is None:
             return y
+        if not isinstance(drop, Tensor) or drop.dtype != torch.bool or drop.shape != (batch,):
+            got = (drop.dtype, tuple(drop.shape)) if isinstance(drop, Tensor) else type(drop)
+            raise ValueError(
+                f"{type(self).__name__} expected drop to be a bool tensor of shape ({batch},), "
+                f"got {got}"
+            )
         return torch.where(drop.reshape(-1, *([1] * (y.dim() - 1))), null.expand_as(y), y)
 
 
