@@ -1,0 +1,1 @@
+"""trajflow_t2i: text-to-image Normalizing Trajectory Models built from trajflow components."""
