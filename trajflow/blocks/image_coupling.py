@@ -77,7 +77,7 @@ class ConvAffineCoupling(Block):
     """RealNVP's convolutional affine coupling with a soft-clamped log-scale.
 
     The pixels (``mask="checkerboard"``) or channels (``mask="channel"``) are split into a
-    kept part ``x_a``, which passes through, and a transformed part ``x_b``::
+    kept part ``x_a``, which passes through, and a transformed part ``x_b``:
 
         (t, s_raw) = CNN(x_a, ctx)
         s   = scale_bound · tanh(s_raw / scale_bound)
