@@ -154,9 +154,22 @@ class Block(nn.Module, ABC):
 
         True when the block or one of its submodules has a non-zero ``time_features``, the
         convention of every built-in block and of :class:`~trajflow.nn.ContextEncoder`. A
-        custom block that reads ``ctx.t`` some other way overrides this.
+        custom block that reads ``ctx.t`` some other way overrides this (a container asks
+        the blocks it holds, so their overrides count).
         """
-        return any(getattr(module, "time_features", 0) for module in self.modules())
+        if getattr(self, "time_features", 0):
+            return True
+        pending = list(self.children())
+        while pending:
+            module = pending.pop()
+            if isinstance(module, Block):
+                if module.uses_time:
+                    return True
+            elif getattr(module, "time_features", 0):
+                return True
+            else:
+                pending.extend(module.children())
+        return False
 
     @abstractmethod
     def forward(self, x: Tensor, ctx: Context | None = None) -> tuple[Tensor, Tensor]:
