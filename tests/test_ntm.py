@@ -210,37 +210,45 @@ def test_pairwise_is_an_unbiased_estimate_of_the_trajectory_nll():
     assert (estimate.mean() - end_to_end).abs() < 4 * error, (estimate.mean(), end_to_end, error)
 
 
-def test_pairwise_with_a_causal_predictor_is_rejected_or_unbiased():
-    trajectory, times = draw((3, 2), steps=4, batch=1, seed=3)
-    try:
-        model = NTM(None, transformer("causal"), mode="pairwise")
-        model.loss(trajectory[:, 0].expand(2, -1, -1), generator=torch.Generator().manual_seed(0))
-    except ValueError as error:
-        assert "causal" in str(error)
-        return
-    n = 200
-    estimate = model._pairwise_log_prob(
-        trajectory.expand(n, -1, -1, -1),
-        times.expand(n, -1),
-        None,
-        None,
-        None,
-        torch.Generator().manual_seed(0),
-    )
-    top, terms = per_level_log_probs(model, trajectory, times)
-    candidates = top[0] + 4 * terms[0]
-    distance = (estimate[:, None] - candidates[None, :]).abs()
-    assert distance.min(1).values.max().item() < 1e-9
+def test_pairwise_with_a_causal_predictor_is_rejected():
+    """Step k of a causal predictor reads every noisier level, which one pair does not hold:
+    pairwise mode is refused at construction and as a per-call override."""
+    match = "pairwise mode needs a markov predictor"
+    with pytest.raises(ValueError, match=match):
+        NTM(None, transformer("causal"), mode="pairwise")
+    model = NTM(None, transformer("causal"))
+    trajectory, _ = draw((3, 2), steps=4, batch=2, seed=3)
+    with pytest.raises(ValueError, match=match):
+        model.loss(trajectory[:, 0], mode="pairwise", generator=torch.Generator().manual_seed(0))
+    out = model.loss(trajectory[:, 0], generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(out.nll).all())
 
 
 def test_pairwise_mode_in_loss_matches_the_hand_estimate():
-    model = NTM(coupling_transporter(), mlp(), ScheduleConfig(steps=[2, 4]), mode="pairwise")
-    x0 = torch.randn(6, D, dtype=F64, generator=torch.Generator().manual_seed(0))
-    out = model.loss(x0, generator=torch.Generator().manual_seed(5))
-    end_to_end = model.loss(x0, mode="end_to_end", generator=torch.Generator().manual_seed(5))
-    assert out.steps == end_to_end.steps
-    assert out.nll.shape == (6,) and bool(torch.isfinite(out.nll).all())
-    assert not torch.allclose(out.nll, end_to_end.nll)  # a different (random-pair) estimate
+    """Replaying the seeded draws (T, t_min, trajectory, then one pair index k per sample),
+    each sample's NLL is -(log N(x_1) + T · term_k) with the terms computed independently."""
+    from trajflow.schedules import draw_steps, draw_t_min
+
+    transporter = coupling_transporter()
+    schedule = ScheduleConfig(steps=[2, 4])
+    model = NTM(transporter, mlp(), schedule, mode="pairwise")
+    batch = 8
+    x0 = torch.randn(batch, D, dtype=F64, generator=torch.Generator().manual_seed(0))
+    out = model.loss(x0, generator=torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    steps = draw_steps(schedule.steps, generator)
+    t_min = draw_t_min(batch, schedule.t_min_low, schedule.t_min_high, generator)
+    times = schedule.build()(steps, t_min)
+    trajectory = sample_trajectory(x0, times, generator)
+    k = torch.randint(0, steps, (batch,), generator=generator)
+    assert steps == 4 and set(k.tolist()) == {0, 1, 2, 3}  # the top pair k = T-1 included
+    top, terms = per_level_log_probs(model, trajectory, times, transporter)
+    expected = -(top + steps * terms[torch.arange(batch), k])
+    assert out.steps == steps
+    torch.testing.assert_close(out.nll, expected.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.loss, expected.mean() / D, rtol=1e-10, atol=1e-10)
+    end_to_end = model.loss(x0, mode="end_to_end", generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(end_to_end.nll, -(top + terms.sum(1)).detach())
 
 
 def test_loss_is_the_trajectory_nll_of_seeded_draws():
@@ -284,6 +292,108 @@ def test_conditional_loss_with_prompt_dropout():
     out.loss.backward()
     assert model.predictor.null.grad.abs().max() > 0  # some rows were dropped
     assert bool(torch.isfinite(out.nll).all())
+
+
+@pytest.mark.parametrize("mode", ["end_to_end", "pairwise"])
+def test_prompt_dropout_drops_a_cfg_dropout_fraction(mode):
+    """The predictor sees drop=True for about cfg_dropout of the rows, not 1 - cfg_dropout (an
+    asymmetric rate: cfg_dropout=0.5 cannot tell a flipped comparison)."""
+    model = NTM(None, mlp(cond_features=4), cfg_dropout=0.1, mode=mode)
+    drops = []
+    model.predictor.register_forward_pre_hook(lambda module, args: drops.append(args[6]))
+    n = 4000
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(n, D, dtype=F64, generator=generator)
+    y = torch.randn(n, 4, dtype=F64, generator=generator)
+    model.loss(x0, y, generator=generator)
+    assert len(drops) == 1 and drops[0].dtype == torch.bool and drops[0].shape == (n,)
+    fraction = drops[0].double().mean().item()
+    # Binomial(n, 0.1) / n: standard deviation sqrt(0.1 · 0.9 / n) ≈ 0.005.
+    assert abs(fraction - 0.1) < 5 * math.sqrt(0.1 * 0.9 / n), fraction
+    model.loss(x0, generator=generator)  # no condition: nothing to drop
+    assert drops[1] is None
+
+
+# --------------------------------------------------------------------------- transporter time
+def tarflow_spec(time_features: int) -> dict:
+    kwargs = {"features": 2, "tokens": 3, "dim": 16, "layers": 1, "heads": 2}
+    return {"name": "tarflow", "kwargs": {**kwargs, "time_features": time_features}}
+
+
+def coupling_spec(time_features: int, name: str = "affine_coupling") -> dict:
+    kwargs = {"features": D, "hidden_features": [8], "time_features": time_features}
+    return {"name": name, "kwargs": kwargs}
+
+
+@pytest.mark.parametrize(
+    ("specs", "event"),
+    [
+        ([tarflow_spec(0)], (3, 2)),
+        ([tarflow_spec(0), tarflow_spec(0)], (3, 2)),
+        ([coupling_spec(0)], (D,)),
+        ([coupling_spec(0, "spline_coupling"), {"name": "reverse"}], (D,)),
+        ([{"name": "lu_linear", "kwargs": {"features": D}}], (D,)),
+    ],
+    ids=["tarflow", "two-tarflows", "affine", "spline-reverse", "lu-linear"],
+)
+def test_a_transporter_that_ignores_time_needs_an_explicit_opt_in(specs, event):
+    """Issue 6, item 3: time_features=0 inside an NTM is an accident unless asked for."""
+    predictor = mlp() if event == (D,) else transformer("markov")
+    transporter = Sequential.from_specs(specs).double()
+    assert not transporter.uses_time
+    with pytest.raises(ValueError, match=r"none of its blocks reads ctx\.t") as error:
+        NTM(transporter, predictor)
+    assert "time_features > 0" in str(error.value)
+    assert "time_independent_transporter=True" in str(error.value)
+    model = NTM(transporter, predictor, time_independent_transporter=True)
+    x0 = torch.randn(4, *event, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(model.loss(x0).nll).all())
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        [],
+        [coupling_spec(8)],
+        [{"name": "reverse"}, coupling_spec(8, "spline_coupling")],  # one block reading t suffices
+        [{"name": "lu_linear", "kwargs": {"features": D}}, coupling_spec(8, "additive_coupling")],
+    ],
+    ids=["identity", "affine", "reverse-spline", "lu-additive"],
+)
+def test_time_conditioned_and_identity_transporters_are_accepted(specs):
+    transporter = Sequential.from_specs(specs).double()
+    assert transporter.uses_time == bool(specs)
+    model = NTM(transporter, mlp())
+    assert model.loss(torch.randn(4, D, dtype=F64)).nll.shape == (4,)
+    assert len(NTM(None, mlp()).transporter) == 0  # None is the identity too
+
+
+def test_uses_time_sees_inverted_and_custom_blocks():
+    coupling = BLOCKS.build("affine_coupling", features=D, time_features=8)
+    assert coupling.uses_time and coupling.inv.uses_time
+    assert not BLOCKS.build("affine_coupling", features=D).inv.uses_time
+    assert BLOCKS.build("tarflow", **tarflow_spec(4)["kwargs"]).uses_time
+    assert not BLOCKS.build("tarflow", **tarflow_spec(0)["kwargs"]).uses_time
+
+    class Shift(type(BLOCKS.build("reverse"))):  # a custom block reading ctx.t directly
+        uses_time = True
+
+    NTM(Sequential(Shift()), mlp())
+
+
+def test_model_config_passes_the_opt_in_on():
+    from pydantic import ValidationError
+
+    from trajflow.config import ModelConfig
+
+    predictor = {"name": "mlp", "kwargs": {"features": D, "hidden_features": [8]}}
+    config = ModelConfig(predictor=predictor, transporter=[coupling_spec(0)])
+    with pytest.raises(ValueError, match="time_independent_transporter=True"):
+        config.build()
+    opted_in = config.model_copy(update={"time_independent_transporter": True})
+    assert isinstance(opted_in.build(), NTM)
+    with pytest.raises(ValidationError, match="time_independent_transporter"):
+        ModelConfig(predictor=predictor, time_independent_transporter="maybe")
 
 
 def test_input_checks():
@@ -416,6 +526,26 @@ def test_sample_with_guidance_follows_the_guided_step():
         )
         level = mean + std * noises[steps - k]
         torch.testing.assert_close(u[:, k], level, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("weight", [-0.5, -1.0, -3.0, math.nan, math.inf, -math.inf])
+def test_guidance_weight_must_be_finite_and_non_negative(weight):
+    """Below -1 the guided variance is negative (NaN); no negative weight is meaningful."""
+    mean_c, std_c, mean_u, std_u = random_gaussians()
+    with pytest.raises(
+        ValueError,
+        match=r"guided_gaussian expected the guidance weight w to be a finite number >= 0",
+    ) as error:
+        guided_gaussian(mean_c, std_c, mean_u, std_u, weight)
+    assert repr(weight) in str(error.value)
+    model = NTM(coupling_transporter(), mlp(cond_features=4))
+    y = torch.randn(2, 4, dtype=F64)
+    with pytest.raises(
+        ValueError, match=r"NTM\.sample expected the guidance weight cfg to be a finite number >= 0"
+    ):
+        model.sample(2, steps=2, cfg=weight, y=y)
+    with pytest.raises(TypeError, match="guidance weight cfg"):
+        model.sample(2, steps=2, cfg="2", y=y)
 
 
 def test_guidance_needs_a_conditional_predictor():
