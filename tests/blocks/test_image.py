@@ -24,6 +24,12 @@ from trajflow.testing import check_block, perturb_parameters
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Layer initialisations draw from the global generator: make every test deterministic."""
+    torch.manual_seed(0)
+
+
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
@@ -302,3 +308,18 @@ def test_multiscale_rejects_bad_specs_and_sizes():
         MultiScale(2, levels=["conv1x1"])
     with pytest.raises(ValueError, match="needs a Context with"):
         MultiScale(2, glow_levels(levels=1, depth=1, time_features=4))(torch.randn(1, 2, 2, 2))
+
+
+def test_multiscale_logdet_stays_float32_under_bf16_autocast():
+    flow = MultiScale(3, glow_levels(levels=2, depth=1, hidden_channels=8, time_features=4))
+    x, ctx = torch.randn(4, 3, 4, 4), Context(t=torch.rand(4))
+    flow(x, ctx)  # initialise the ActNorms
+    flow = perturb_parameters(flow, scale=0.1, seed=2)
+    reference, reference_logdet = flow(x, ctx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, logdet = flow(x, ctx)
+        _, inverse_logdet = flow.inverse(z, ctx)
+    assert logdet.dtype == inverse_logdet.dtype == torch.float32
+    # The log-dets are sums over 48 entries: bf16 accumulation would be off by whole units.
+    torch.testing.assert_close(logdet, reference_logdet, atol=0.05, rtol=0)
+    torch.testing.assert_close(z.float(), reference, atol=0.25, rtol=0.05)
