@@ -1,9 +1,10 @@
 """Registered invertible blocks. Importing this package registers all of them in BLOCKS."""
 
 from trajflow.blocks.coupling import AdditiveCoupling, AffineCoupling, Coupling, soft_clamp
-from trajflow.blocks.image import Conv1x1, ImageActNorm, MultiScale, Squeeze, glow_levels
+from trajflow.blocks.image import Conv1x1, ImageActNorm, Squeeze
 from trajflow.blocks.image_coupling import ConvAffineCoupling
 from trajflow.blocks.linear import ActNorm, FixedPermutation, LULinear, Reverse
+from trajflow.blocks.multiscale import MultiScale, glow_levels
 from trajflow.blocks.spline import (
     SplineCoupling,
     SplineKnots,
