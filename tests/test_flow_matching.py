@@ -3,6 +3,7 @@ from a flow-matching model (NTM_METHOD §6), the auxiliary alignment loss and Mo
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -170,6 +171,20 @@ def test_conditional_loss_and_shape_errors():
         fm.loss(torch.randn(8, 3, dtype=F64))
     with pytest.raises(ValueError, match="target='velocity'"):
         FlowMatching(PREDICTORS.build("mlp", features=2, target="x0"))
+
+
+def test_prompt_dropout_drops_a_cfg_dropout_fraction():
+    """The network sees drop=True for about cfg_dropout of the rows, not 1 - cfg_dropout."""
+    fm = FlowMatching(velocity_mlp(cond_features=3), cfg_dropout=0.1)
+    drops = []
+    fm.net.register_forward_pre_hook(lambda module, args: drops.append(args[6]))
+    n = 4000
+    generator = seeded(0)
+    x0 = torch.randn(n, D, dtype=F64, generator=generator)
+    fm.loss(x0, torch.randn(n, 3, dtype=F64, generator=generator), generator=generator)
+    assert len(drops) == 1 and drops[0].dtype == torch.bool and drops[0].shape == (n,)
+    fraction = drops[0].double().mean().item()
+    assert abs(fraction - 0.1) < 5 * math.sqrt(0.1 * 0.9 / n), fraction  # 5 binomial σ
 
 
 # --------------------------------------------------------------------------- samplers
@@ -365,6 +380,139 @@ def test_aux_loss_is_zero_at_init_and_positive_after_perturbing_the_mean_head():
     assert all(p.grad is None for p in ntm.teacher.parameters())
     # No aux term when its weight is 0 or without a teacher.
     assert NTM.from_flow_matching(fm, aux_weight=0.0).loss(x0).aux is None
+
+
+def test_delta_learns_the_step_with_no_delta_mean_and_the_transformer():
+    """Issue 6, item 4: with only the δ head trainable, δ must still come to depend on
+    (t_out, T); the transformer's δ head therefore reads the time embeddings."""
+    fm = FlowMatching(velocity_transformer(seed=2), ScheduleConfig(steps=[2, 4]))
+    ntm = NTM.from_flow_matching(fm, no_delta_mean=True)
+    trainable = [p for p in ntm.parameters() if p.requires_grad]
+    assert {n for n, p in ntm.named_parameters() if p.requires_grad} == {
+        "predictor.delta_head.weight",
+        "predictor.delta_head.bias",
+    }
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    for step in range(2):
+        optimizer.zero_grad()
+        ntm.loss(torch.randn(16, 3, 2, dtype=F64, generator=seeded(step))).loss.backward()
+        optimizer.step()
+    u = torch.randn(4, 2, 3, 2, dtype=F64, generator=seeded(9))
+    t_in = torch.tensor([[0.3, 0.6]], dtype=F64).expand(4, -1)
+    delta = ntm.predictor(u, t_in, 0.5 * t_in, torch.full((4,), 2))[1]
+    for t_out, steps in ((0.2 * t_in, 2), (0.5 * t_in, 4)):
+        other = ntm.predictor(u, t_in, t_out, torch.full((4,), steps))[1]
+        assert (other - delta).abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------- the FM teacher
+FINETUNE_TRANSPORTER = [
+    {
+        "name": "affine_coupling",
+        "kwargs": {"features": D, "hidden_features": [8], "time_features": 8},
+    }
+]
+
+
+def finetuned(no_delta_mean: bool = False) -> tuple[NTM, ModelConfig]:
+    """An NTM finetuned from a (perturbed) FM model and the config it reloads from (float32,
+    as a config builds it)."""
+    fm_config = ModelConfig.model_validate(FM_CONFIG)
+    torch.manual_seed(0)
+    fm = fm_config.build()
+    as_if_fm_trained(fm.net, seed=0)
+    transporter = Sequential.from_specs(FINETUNE_TRANSPORTER)
+    ntm = NTM.from_flow_matching(fm, transporter, no_delta_mean=no_delta_mean, aux_steps=10)
+    config = ModelConfig.finetuned_from(
+        fm_config, FINETUNE_TRANSPORTER, no_delta_mean=no_delta_mean, aux_steps=10
+    )
+    return ntm, config
+
+
+def test_the_teacher_is_not_part_of_the_model_state():
+    """Issue 6, item 5: not in state_dict or parameters (checkpoints, optimizer, EMA)."""
+    ntm, _ = finetuned()
+    assert ntm.teacher is not None
+    assert not any(key.startswith("teacher") for key in ntm.state_dict())
+    assert "teacher" not in dict(ntm.named_children())
+    teacher_ids = {id(p) for p in ntm.teacher.parameters()}
+    assert teacher_ids and not teacher_ids & {id(p) for p in ntm.parameters()}
+    assert not teacher_ids & {id(b) for b in ntm.buffers()}
+
+
+def test_the_teacher_stays_frozen_in_eval_mode_and_follows_the_model():
+    ntm, _ = finetuned()
+    ntm.train()
+    assert ntm.training and ntm.predictor.training
+    assert not ntm.teacher.training
+    assert not any(p.requires_grad for p in ntm.teacher.parameters())
+    ntm.double()
+    assert {p.dtype for p in ntm.teacher.parameters()} == {F64}
+    out = ntm.loss(torch.randn(8, D, dtype=F64), generator=seeded(0))  # both in float64
+    assert out.aux is not None and bool(torch.isfinite(out.loss))
+    with pytest.raises(TypeError, match="Predictor teacher"):
+        ntm.teacher = nn.Linear(2, 2)
+
+
+def test_a_copy_shares_the_teacher_and_the_ema_holds_none_of_it():
+    """train() makes its EMA with copy.deepcopy and averages parameters and buffers in zip."""
+    from trajflow.train import TrainConfig, train
+
+    ntm, config = finetuned()
+    clone = copy.deepcopy(ntm)
+    assert clone.teacher is ntm.teacher
+    assert clone.predictor is not ntm.predictor
+    assert state_shapes(clone) == state_shapes(ntm)
+    result = train(
+        ntm,
+        TrainConfig(iterations=3, batch_size=16, warmup_steps=1, ema_decay=0.5),
+        model_config=config,
+        progress=False,
+    )
+    assert result.ema.teacher is ntm.teacher
+    assert sorted(result.ema.state_dict()) == sorted(ntm.state_dict())
+    assert not ntm.teacher.training
+
+
+@pytest.mark.parametrize("no_delta_mean", [False, True])
+def test_a_finetuned_checkpoint_reloads_without_the_teacher(tmp_path, no_delta_mean):
+    from trajflow.checkpoint import load_checkpoint, save_checkpoint
+
+    ntm, config = finetuned(no_delta_mean)
+    with torch.no_grad():
+        ntm.predictor.delta_head.bias.add_(0.1)  # something a finetuning step would move
+    save_checkpoint(tmp_path / "ckpt", ntm, config, ema=copy.deepcopy(ntm), step=4)
+    loaded, state = load_checkpoint(tmp_path / "ckpt")
+    assert (
+        state.model_config == config and state.model_config.finetune.no_delta_mean is no_delta_mean
+    )
+    assert isinstance(loaded, NTM) and loaded.teacher is None
+    assert loaded.no_delta_mean is no_delta_mean and loaded.predictor.target == "velocity"
+    for (name, a), (other, b) in zip(
+        ntm.named_parameters(), loaded.named_parameters(), strict=True
+    ):
+        assert name == other and torch.equal(a, b) and a.requires_grad == b.requires_grad, name
+    x0 = torch.randn(8, D, generator=seeded(0))
+    original, reloaded = ntm.loss(x0, generator=seeded(1)), loaded.loss(x0, generator=seeded(1))
+    assert original.aux is not None and reloaded.aux is None  # no teacher, no auxiliary loss
+    torch.testing.assert_close(reloaded.nll, original.nll)
+    # To resume *with* the auxiliary loss, load the weights into a from_flow_matching model.
+    again, _ = finetuned(no_delta_mean)
+    load_checkpoint(tmp_path / "ckpt", model=again)
+    assert again.teacher is not None
+    torch.testing.assert_close(again.loss(x0, generator=seeded(1)).loss, original.loss)
+
+
+def test_finetuned_from_needs_a_flow_matching_config_and_a_velocity_predictor():
+    with pytest.raises(ValueError, match="kind='flow_matching' config"):
+        ModelConfig.finetuned_from(ModelConfig.model_validate(NTM_CONFIG))
+    config = ModelConfig.model_validate({**NTM_CONFIG, "finetune": {"no_delta_mean": True}})
+    with pytest.raises(ValueError, match="velocity predictor"):
+        config.build()
+    with pytest.raises(ValidationError, match="finetune is an NTM setting"):
+        ModelConfig.model_validate({**FM_CONFIG, "finetune": {}})
+    with pytest.raises(ValidationError, match="aux_weight"):
+        ModelConfig.model_validate({**NTM_CONFIG, "finetune": {"aux_weight": -1}})
 
 
 # --------------------------------------------------------------------------- ModelConfig
