@@ -43,8 +43,8 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from trajflow_t2i.data import (
@@ -199,8 +199,9 @@ class Blob:
     shape: str
 
 
-def _as_uint8(images: Tensor) -> Tensor:
-    images = torch.as_tensor(images)
+def _as_uint8(images: Tensor) -> np.ndarray:
+    """``(B, H, W, 3)`` uint8 numpy array of RGB images given as uint8 or floats in [-1, 1]."""
+    images = torch.as_tensor(images).detach().cpu()
     if images.dim() == 3:
         images = images[None]
     if images.dim() != 4 or images.shape[1] != 3:
@@ -208,26 +209,31 @@ def _as_uint8(images: Tensor) -> Tensor:
             f"expected RGB images (3, H, W) or (B, 3, H, W), got shape {tuple(images.shape)}"
         )
     if images.is_floating_point():
-        return to_uint8(images.clamp(-1, 1))
-    if images.dtype != torch.uint8:
+        images = to_uint8(images.clamp(-1, 1))
+    elif images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 or float images in [-1, 1], got {images.dtype}")
-    return images
+    return images.permute(0, 2, 3, 1).numpy()
 
 
-def _segment(images: Tensor, max_distance: float) -> Tensor:
-    """Palette index of every pixel, ``(B, H, W)``; -1 for background."""
-    palette = torch.tensor([(0, 0, 0), *PALETTE.values()], dtype=torch.float32)
-    pixels = images.permute(0, 2, 3, 1).float()
-    # |p - c|² = |p|² - 2 p·c + |c|²: one small matmul instead of a (pixels × colours × 3) tensor.
-    squared = (pixels**2).sum(-1, keepdim=True) - 2 * pixels @ palette.T + (palette**2).sum(-1)
-    nearest, index = squared.min(dim=-1)
-    return torch.where((index > 0) & (nearest <= max_distance**2), index - 1, -1)
+# The image analysis runs in numpy: it is many small element-wise steps, which torch's thread
+# pool makes many times slower on a busy machine, and it never needs gradients or a GPU.
+
+
+def _segment(pixels: np.ndarray, max_distance: float) -> np.ndarray:
+    """Palette index of every pixel of ``(B, H, W, 3)``, shape ``(B, H, W)``; -1 for background."""
+    palette = np.array([(0, 0, 0), *PALETTE.values()], dtype=np.float32)
+    pixels = pixels.astype(np.float32)
+    # |p - c|² = |p|² - 2 p·c + |c|²: one small matmul instead of a (pixels × colours × 3) array.
+    squared = (pixels**2).sum(-1, keepdims=True) - 2 * pixels @ palette.T + (palette**2).sum(-1)
+    index = squared.argmin(axis=-1)
+    nearest = np.take_along_axis(squared, index[..., None], axis=-1)[..., 0]
+    return np.where((index > 0) & (nearest <= max_distance**2), index - 1, -1)
 
 
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
-def _components(labels: Tensor) -> Tensor:
+def _components(labels: np.ndarray) -> np.ndarray:
     """Connected-component id (> 0) of every labelled pixel, 0 for background; 8-connectivity.
 
     Every labelled pixel starts with its own id (flat index + 1) and repeatedly takes the
@@ -238,22 +244,22 @@ def _components(labels: Tensor) -> Tensor:
     """
     batch, height, width = labels.shape
     labelled = labels >= 0
-    padded = F.pad(labels, (1, 1, 1, 1), value=-1)
+    padded = np.pad(labels, ((0, 0), (1, 1), (1, 1)), constant_values=-1)
     same = [
         (padded[:, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width] == labels) & labelled
         for dy, dx in _NEIGHBOURS
     ]
-    start = torch.arange(1, batch * height * width + 1, dtype=torch.int64)
-    ids = torch.where(labelled, start.view(batch, height, width), 0)
+    start = np.arange(1, batch * height * width + 1, dtype=np.int64).reshape(labels.shape)
+    ids = np.where(labelled, start, 0)
     for _ in range(height * width):
-        grid = F.pad(ids, (1, 1, 1, 1))
-        grown = ids
+        grid = np.pad(ids, ((0, 0), (1, 1), (1, 1)))
+        grown = ids.copy()
         for (dy, dx), mask in zip(_NEIGHBOURS, same, strict=True):
             neighbour = grid[:, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
-            grown = torch.maximum(grown, torch.where(mask, neighbour, 0))
-        lookup = torch.cat([grown.new_zeros(1), grown.flatten()])
-        grown = torch.maximum(grown, lookup[grown])  # index 0 (background) looks up 0
-        if torch.equal(grown, ids):
+            np.maximum(grown, np.where(mask, neighbour, 0), out=grown)
+        lookup = np.concatenate([[0], grown.ravel()])
+        grown = np.maximum(grown, lookup[grown])  # index 0 (background) looks up 0
+        if np.array_equal(grown, ids):
             break
         ids = grown
     return ids
@@ -278,39 +284,34 @@ def find_blobs(
         max_distance: Farthest RGB distance from a palette colour that still counts as it.
         min_pixels: Smallest blob kept (default ``max(3, H·W/64)``).
     """
-    images = _as_uint8(images)
-    batch, _, height, width = images.shape
+    pixels = _as_uint8(images)
+    batch, height, width, _ = pixels.shape
     min_pixels = max(3, height * width // 64) if min_pixels is None else min_pixels
-    labels = _segment(images, max_distance)
-    ids = _components(labels).flatten()
-    keep = ids > 0
-    unique, inverse, counts = torch.unique(ids[keep], return_inverse=True, return_counts=True)
-    flat = torch.arange(batch * height * width)[keep]
-    rows = ((flat // width) % height).double()
-    cols = (flat % width).double()
-    groups = len(unique)
-
-    def reduce(values: Tensor, how: str) -> Tensor:
-        initial = torch.zeros(groups, dtype=values.dtype)
-        return initial.scatter_reduce(0, inverse, values, how, include_self=False)
-
-    sums_x, sums_y = reduce(cols + 0.5, "sum"), reduce(rows + 0.5, "sum")
-    x0, x1 = reduce(cols, "amin"), reduce(cols, "amax") + 1
-    y0, y1 = reduce(rows, "amin"), reduce(rows, "amax") + 1
-    first_pixel = torch.zeros(groups, dtype=torch.long).scatter_(0, inverse, flat)
-    colour_of = labels.flatten()[first_pixel]  # any pixel of a blob: they share image and colour
+    labels = _segment(pixels, max_distance).ravel()
+    ids = _components(labels.reshape(batch, height, width)).ravel()
+    # Group the labelled pixels by blob: sorted by id, each blob is one run.
+    flat = np.flatnonzero(ids)
     blobs: list[list[Blob]] = [[] for _ in range(batch)]
+    if not len(flat):
+        return blobs
+    flat = flat[np.argsort(ids[flat], kind="stable")]
+    _, starts, counts = np.unique(ids[flat], return_index=True, return_counts=True)
+    rows, cols = (flat // width) % height, flat % width
+    sums_x, sums_y = np.add.reduceat(cols + 0.5, starts), np.add.reduceat(rows + 0.5, starts)
+    x0, x1 = np.minimum.reduceat(cols, starts), np.maximum.reduceat(cols, starts) + 1
+    y0, y1 = np.minimum.reduceat(rows, starts), np.maximum.reduceat(rows, starts) + 1
+    first = flat[starts]  # any pixel of a blob: they share image and colour
     columns = zip(
-        *(t.tolist() for t in (counts, sums_x, sums_y, x0, y0, x1, y1, first_pixel, colour_of)),
+        *(a.tolist() for a in (counts, sums_x, sums_y, x0, y0, x1, y1, first, labels[first])),
         strict=True,
     )
-    for pixels, sum_x, sum_y, left, top, right, bottom, pixel, colour in columns:
-        if pixels < min_pixels:
+    for size, sum_x, sum_y, left, top, right, bottom, pixel, colour in columns:
+        if size < min_pixels:
             continue
-        cx, cy = sum_x / pixels, sum_y / pixels
-        shape = _classify(pixels / ((right - left) * (bottom - top)), (cy - top) / (bottom - top))
-        box = (int(left), int(top), int(right), int(bottom))
-        blobs[pixel // (height * width)].append(Blob(COLOURS[colour], pixels, (cx, cy), box, shape))
+        cx, cy = sum_x / size, sum_y / size
+        shape = _classify(size / ((right - left) * (bottom - top)), (cy - top) / (bottom - top))
+        box = (left, top, right, bottom)
+        blobs[pixel // (height * width)].append(Blob(COLOURS[colour], size, (cx, cy), box, shape))
     for image_blobs in blobs:
         image_blobs.sort(key=lambda blob: -blob.pixels)
     return blobs
