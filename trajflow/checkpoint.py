@@ -71,7 +71,8 @@ __all__ = [
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 FORMAT = "trajflow-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: config.json records checksums; 1 (no checksums) still loads, unverified
+_VERSIONS = (1, 2)
 _TENSOR = "__tensor__"  # marks a JSON value whose tensor lives in weights.safetensors
 _PREFIX = "step_"
 _CHECKSUMS = "checksums"
@@ -269,7 +270,7 @@ def save_checkpoint(
         "rng": _jsonable(capture_rng_state(), "rng") if rng else None,
         "extra": _jsonable(dict(extra or {}), "extra"),
     }
-    text = json.dumps(config, indent=2)  # serialise before touching the disk
+    json.dumps(config)  # fail on unserialisable state before touching the disk
 
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -278,10 +279,9 @@ def save_checkpoint(
             tensors, temporary / WEIGHTS_FILE, metadata={"format": "pt", "step": str(step)}
         )
         _fsync(temporary / WEIGHTS_FILE)
-        config[_CHECKSUMS] = {
-            CONFIG_FILE: _sha256(text.encode()),
-            WEIGHTS_FILE: _sha256_file(temporary / WEIGHTS_FILE),
-        }
+        # The config's own checksum covers everything but itself, the weights' one included.
+        config[_CHECKSUMS] = {WEIGHTS_FILE: _sha256_file(temporary / WEIGHTS_FILE)}
+        config[_CHECKSUMS][CONFIG_FILE] = _sha256(json.dumps(config, indent=2).encode())
         with open(temporary / CONFIG_FILE, "w") as file:
             file.write(json.dumps(config, indent=2))
             file.flush()
@@ -340,17 +340,22 @@ def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise _damaged(config_file, f"is not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise _damaged(config_file, f"holds a {type(config).__name__}, expected a JSON object")
-    if config.get("format") != FORMAT or config.get("version") != VERSION:
+    if config.get("format") != FORMAT or config.get("version") not in _VERSIONS:
         raise CheckpointError(
-            f"{config_file}: expected format {FORMAT!r} version {VERSION}, got "
-            f"{config.get('format')!r} version {config.get('version')!r}"
+            f"{config_file}: expected format {FORMAT!r} version {' or '.join(map(str, _VERSIONS))}"
+            f", got {config.get('format')!r} version {config.get('version')!r}"
         )
-    # Checkpoints written before checksums existed have none: they load unverified.
+    # Version 1 checkpoints were written before checksums existed: they load unverified.
+    checksums = config.get(_CHECKSUMS)
+    if checksums is None and config["version"] >= 2:
+        raise _damaged(config_file, f"has no {_CHECKSUMS!r} entry")
+    if checksums is not None:
+        if not isinstance(checksums, dict):
+            raise _damaged(config_file, f"has an invalid {_CHECKSUMS!r} entry")
+        recorded = checksums.pop(CONFIG_FILE, None)
+        if recorded != _sha256(json.dumps(config, indent=2).encode()):
+            raise _damaged(config_file, "does not match the SHA-256 recorded in it")
     checksums = config.pop(_CHECKSUMS, None) or {}
-    if not isinstance(checksums, dict) or (
-        checksums and checksums.get(CONFIG_FILE) != _sha256(json.dumps(config, indent=2).encode())
-    ):
-        raise _damaged(config_file, "does not match the SHA-256 recorded in it")
     if not isinstance(config.get("step"), int) or config["step"] < 0:
         raise _damaged(config_file, f"has no valid step (got {config.get('step')!r})")
     return config, checksums

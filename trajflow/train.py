@@ -60,6 +60,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "WarmupCosine",
+    "init_model",
     "step_seed",
     "train",
     "update_ema",
@@ -179,6 +180,23 @@ def step_seed(seed: int, step: int, stream: str = "data") -> int:
     """
     digest = hashlib.blake2b(f"{seed}/{stream}/{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def init_model(model_config: ModelConfig, seed: int) -> nn.Module:
+    """Builds ``model_config``'s model with initial weights drawn from a seed derived from ``seed``.
+
+    The global RNG is left as it was. Without this, two runs of the same config would start
+    from different weights (torch seeds its global RNG anew in every process).
+
+    Example:
+        >>> from trajflow.config import toy_flow_matching_config
+        >>> a, b = (init_model(toy_flow_matching_config(), seed=3) for _ in range(2))
+        >>> all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+        True
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(step_seed(seed, 0, "init"))
+        return model_config.build()
 
 
 @torch.no_grad()
@@ -307,8 +325,9 @@ def train(
     only). The EMA copy, if any, is updated after every applied step.
 
     Args:
-        model: The model; ``None`` builds it from ``model_config`` (or from the checkpoint's
-            config when resuming).
+        model: The model; ``None`` builds it from ``model_config`` with initial weights
+            seeded from ``config.seed`` (see :func:`init_model`), or from the checkpoint's
+            config when resuming.
         config: A :class:`TrainConfig` (or a dict of its fields); default ``TrainConfig()``.
         data_fn: ``(step, batch_size) -> Tensor`` of clean data; must be deterministic in
             ``step`` for exact resume. Default: ``config.dataset`` drawn with a seed derived
@@ -356,7 +375,7 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
     elif model is None:
         if model_config is None:
             raise ValueError("train needs a model, a model_config or a checkpoint to resume")
-        model = model_config.build()
+        model = init_model(model_config, config.seed)
     if not callable(getattr(model, "loss", None)):
         raise TypeError(f"expected a model with a loss(x0, step=, generator=) method, got {model}")
     if config.batch_size % processes.world:
@@ -413,7 +432,10 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
     window: list[float] = []
     # A bar on a terminal, a line every 10% in a log (no carriage-return redraws).
     bar = progress_bar(
-        config.iterations, desc="train", initial=start, enabled=progress and processes.rank == 0
+        config.iterations,
+        desc=f"train {type(model).__name__}",
+        initial=start,
+        enabled=progress and processes.rank == 0,
     )
     began = time.perf_counter()
     model.train()
