@@ -409,7 +409,7 @@ def test_input_checks():
         model.trajectory_log_prob(trajectory[:, :1], times[:, :1])
     with pytest.raises(ValueError, match="expected times of shape"):
         model.trajectory_log_prob(trajectory, times[:, :-1])
-    with pytest.raises(ValueError, match="mode must be"):
+    with pytest.raises(ValueError, match="expected mode 'end_to_end' or 'pairwise'"):
         NTM(None, mlp(), mode="stepwise")
     with pytest.raises(ValueError, match="cfg_dropout"):
         NTM(None, mlp(), cfg_dropout=1.0)

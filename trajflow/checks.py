@@ -25,7 +25,7 @@ import operator
 import torch
 from torch import Tensor
 
-__all__ = ["check_count", "check_data", "check_finite", "check_number"]
+__all__ = ["check_count", "check_data", "check_finite", "check_first_level", "check_number"]
 
 
 def check_count(owner: str, name: str, value: object, minimum: int = 1) -> int:
@@ -80,6 +80,19 @@ def check_number(
     if not math.isfinite(number) or below or above:
         raise ValueError(f"{expected}, got {number!r}")
     return number
+
+
+def check_first_level(owner: str, name: str, value: object, grid, steps: int) -> float:
+    """``value`` as a ``float`` if it lies in ``(0, t_1)`` of ``grid`` with ``steps`` steps:
+    the cleanest level of a trajectory must lie below the first level of the grid."""
+    value = check_number(owner, name, value, 0.0, 1.0, open_low=True, open_high=True)
+    first = grid.levels(steps)[0].item()
+    if value >= first:
+        raise ValueError(
+            f"{owner} expected {name} below t_1 = {first:.4g}, the first level of the "
+            f"{steps}-step grid, got {value!r}"
+        )
+    return value
 
 
 def check_finite(owner: str, name: str, x: Tensor) -> None:

@@ -24,7 +24,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from trajflow.checks import check_count, check_data, check_finite, check_number
+from trajflow.checks import (
+    check_count,
+    check_data,
+    check_finite,
+    check_first_level,
+    check_number,
+)
 from trajflow.predictors import Predictor
 from trajflow.schedules import (
     ScheduleConfig,
@@ -145,8 +151,13 @@ class FlowMatching(nn.Module):
         n = check_count(owner, "n", n)
         steps = check_count(owner, "steps", steps)
         if method not in ("euler", "heun", "ancestral"):
-            raise ValueError(f"method must be 'euler', 'heun' or 'ancestral', got {method!r}")
-        if t_min is not None:
+            raise ValueError(
+                f"{owner} expected method 'euler', 'heun' or 'ancestral', got {method!r}"
+            )
+        if method == "ancestral":
+            t_min = self.schedule.t_min_eval if t_min is None else t_min
+            t_min = check_first_level(owner, "t_min", t_min, self.grid, steps)
+        elif t_min is not None:
             t_min = check_number(owner, "t_min", t_min, 0.0, 1.0, open_low=True, open_high=True)
         if isinstance(y, Tensor):
             check_finite(owner, "y", y)
@@ -157,7 +168,6 @@ class FlowMatching(nn.Module):
 
         x = noise()
         if method == "ancestral":
-            t_min = self.schedule.t_min_eval if t_min is None else t_min
             times = self.grid(steps, torch.full((n,), t_min, dtype=torch.float64)).to(device)
             for k in range(steps - 1, -1, -1):
                 s, t = times[:, k], times[:, k + 1]

@@ -33,7 +33,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from trajflow.checks import check_count, check_data, check_finite, check_number
+from trajflow.checks import (
+    check_count,
+    check_data,
+    check_finite,
+    check_first_level,
+    check_number,
+)
 from trajflow.core import Block, Context, Sequential
 from trajflow.predictors import Predictor
 from trajflow.schedules import (
@@ -161,7 +167,7 @@ class NTM(nn.Module):
                 f"NTM expected schedule to be a ScheduleConfig, got {type(schedule).__name__}"
             )
         if mode not in ("end_to_end", "pairwise"):
-            raise ValueError(f"mode must be 'end_to_end' or 'pairwise', got {mode!r}")
+            raise ValueError(f"NTM expected mode 'end_to_end' or 'pairwise', got {mode!r}")
         check_number("NTM", "cfg_dropout", cfg_dropout, low=0.0, high=1.0, open_high=True)
         self._check_mode(mode, predictor)
         transporter = transporter if transporter is not None else Sequential()
@@ -354,7 +360,7 @@ class NTM(nn.Module):
             raise ValueError(f"NTM.loss expected mode 'end_to_end' or 'pairwise', got {mode!r}")
         self._check_mode(mode, self.predictor)
         batch = x0.shape[0]
-        steps = draw_steps(self.schedule.steps, generator)
+        steps = draw_steps(self.schedule.steps, generator, self.schedule.steps_weighting)
         t_min = draw_t_min(batch, self.schedule.t_min_low, self.schedule.t_min_high, generator)
         times = self.grid(steps, t_min).to(x0.device)
         trajectory = sample_trajectory(x0, times, generator)
@@ -415,7 +421,7 @@ class NTM(nn.Module):
         if quantization_levels is not None:
             quantization_levels = check_count(owner, "quantization_levels", quantization_levels, 2)
         t0 = self.schedule.t_min_eval if t0 is None else t0
-        t0 = check_number(owner, "t0", t0, low=0.0, high=1.0, open_low=True, open_high=True)
+        t0 = check_first_level(owner, "t0", t0, self.grid, steps)
         times = self.grid(steps, torch.full((x.shape[0],), t0, dtype=torch.float64)).to(x.device)
         event_dims = len(self.event_shape)
         total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
@@ -484,9 +490,7 @@ class NTM(nn.Module):
             check_finite(owner, "y", y)
         device, dtype = self._device_dtype()
         t_min = self.schedule.t_min_eval if t_min is None else t_min
-        t_min = check_number(
-            owner, "t_min", t_min, low=0.0, high=1.0, open_low=True, open_high=True
-        )
+        t_min = check_first_level(owner, "t_min", t_min, self.grid, steps)
         times = self.grid(steps, torch.full((n,), t_min, dtype=torch.float64)).to(device)
 
         def noise() -> Tensor:

@@ -129,7 +129,10 @@ class Predictor(nn.Module, ABC):
         """``y`` with dropped (or missing) samples replaced by the learned null condition."""
         if not self.cond_features:
             if y is not None:
-                raise ValueError(f"{type(self).__name__} was built with cond_features=0 but got y")
+                raise ValueError(
+                    f"{type(self).__name__} was built with cond_features=0: expected y=None, "
+                    f"got a condition of shape {tuple(y.shape)}"
+                )
             return None
         null = self.null.to(like.dtype)  # (F,) vector, or (1, F): one token
         if y is None:
