@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import math
 import os
@@ -15,7 +17,10 @@ import safetensors.torch
 import torch
 from pydantic import ValidationError
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from tqdm.std import tqdm
 
+from trajflow import progress
 from trajflow.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -25,6 +30,7 @@ from trajflow.checkpoint import (
 from trajflow.cli import main
 from trajflow.config import ModelConfig
 from trajflow.data import sample_dataset
+from trajflow.progress import LineProgress, progress_bar
 from trajflow.train import TrainConfig, WarmupCosine, train
 
 
@@ -91,6 +97,20 @@ class Faulty(nn.Module):
         return out
 
 
+class WithSpare(nn.Module):
+    """Scales a model's loss and adds a parameter whose gradient is exactly zero (not None)."""
+
+    def __init__(self, model: nn.Module, scale: float = 1.0):
+        super().__init__()
+        self.model, self.scale = model, scale
+        self.spare = nn.Parameter(torch.ones(3))
+
+    def loss(self, x0, step=0, generator=None):
+        out = self.model.loss(x0, step=step, generator=generator)
+        out.loss = self.scale * out.loss + 0.0 * self.spare.sum()
+        return out
+
+
 # ----------------------------------------------------------------------------- schedule, config
 def test_warmup_then_cosine_schedule():
     schedule = WarmupCosine(iterations=110, warmup_steps=10, min_lr_ratio=0.1)
@@ -148,17 +168,20 @@ def test_loss_goes_down_on_a_toy_dataset():
 
 @pytest.mark.parametrize("fault", ["nan_loss", "nan_grad"])
 def test_non_finite_steps_are_skipped(fault):
-    config = fast(iterations=3, warmup_steps=0, min_lr_ratio=1.0)  # a constant rate
+    config = fast(iterations=3, warmup_steps=0, min_lr_ratio=1.0, ema_decay=0.5)  # constant rate
     faulty = Faulty(build(tiny_fm()), **{fault: [2]})
     result = train(faulty, config, progress=False)
     assert result.skipped_steps == 1 and result.skipped_at == [2]
     assert all(torch.isfinite(p).all() for p in faulty.parameters())
     assert math.isnan(result.losses[2]) == (fault == "nan_loss")
 
-    # Step 2 changed nothing: the parameters are those after steps 0 and 1.
+    # Step 2 changed nothing, the EMA included: both are as after steps 0 and 1.
     reference = Faulty(build(tiny_fm()))
-    train(reference, config.model_copy(update={"iterations": 2}), progress=False)
+    expected = train(reference, config.model_copy(update={"iterations": 2}), progress=False)
     assert_same_parameters(faulty, reference)
+    assert_same_parameters(result.ema, expected.ema)
+    with pytest.raises(AssertionError):  # the EMA lags the model, so an extra update would show
+        assert_same_parameters(result.ema, faulty)
 
     # Training goes on after a skipped step.
     later = Faulty(build(tiny_fm()), **{fault: [0]})
@@ -179,6 +202,41 @@ def test_ema_follows_its_formula():
         changed |= not torch.equal(average, live)
     assert changed  # the EMA lags behind the live weights
     assert not any(p.requires_grad for p in result.ema.parameters())
+
+
+def test_weight_decay_reaches_adamw_and_shrinks_weights():
+    for decay in (0.0, 2.0):
+        model = WithSpare(build(tiny_fm()))
+        result = train(model, fast(iterations=6, weight_decay=decay, log_every=1), progress=False)
+        # A zero gradient makes Adam's step zero: only the decoupled decay p ← p (1 - lr_i λ) acts.
+        expected = math.prod(1 - h["lr"] * decay for h in result.history)
+        torch.testing.assert_close(
+            model.spare.detach(), torch.full((3,), expected), rtol=1e-6, atol=0
+        )
+    assert expected < 0.98
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_the_optimizer_steps_with_the_clipped_gradient(clip):
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]  # FM leaves its (t_out, T) path out
+        seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    # A loss scaled up so that the gradient norm is far above the clipping threshold.
+    model = WithSpare(build(tiny_fm()), scale=1e3)
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        config = fast(iterations=3, grad_clip=clip, log_every=1)
+        result = train(model, config, progress=False)
+    finally:
+        hook.remove()
+    raw = [h["grad_norm"] for h in result.history]  # the norm before clipping
+    assert min(raw) > 100
+    expected = raw if clip is None else [clip] * len(raw)
+    assert seen == pytest.approx(expected, rel=1e-4)
 
 
 def test_bad_data_and_models_raise():
@@ -299,6 +357,61 @@ def test_resume_is_exact(tmp_path, kind):
     assert len(resumed.losses) == 5 and resumed.losses == whole.losses[4:]
     assert_same_parameters(resumed.model, whole.model)
     assert_same_parameters(resumed.ema, whole.ema)
+
+
+# ----------------------------------------------------------------------------- progress
+def test_progress_in_a_log_is_a_few_plain_lines(capsys):
+    """Off a terminal, a line every 10% of the run instead of carriage-return redraws."""
+    train(build(tiny_fm()), fast(iterations=40, log_every=4), progress=True)
+    lines = capsys.readouterr().err.splitlines(keepends=True)
+    assert not any("\r" in line for line in lines)
+    assert len(lines) == 10, lines
+    assert lines[0].startswith("train FlowMatching: 4/40 (10%)")
+    assert lines[-1].startswith("train FlowMatching: 40/40 (100%)") and "loss=" in lines[-1]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_picks_tqdm_on_a_terminal_only():
+    terminal = Terminal()
+    bar = progress_bar(5, desc="x", file=terminal)
+    assert isinstance(bar, tqdm)
+    bar.update(5)
+    bar.close()
+    assert "\r" in terminal.getvalue()  # what a log must not get
+    assert isinstance(progress_bar(5, file=io.StringIO()), LineProgress)
+    assert isinstance(progress_bar(5, file=terminal, enabled=False), LineProgress)
+
+
+def test_line_progress_prints_by_count_and_by_time(monkeypatch):
+    log = io.StringIO()
+    with LineProgress(95, desc="a", file=log, every=0.25) as bar:  # a line every 24 updates
+        for _ in range(95):
+            bar.update()
+    counts = [line.split()[1] for line in log.getvalue().splitlines()]
+    assert counts == ["24/95", "48/95", "72/95", "95/95"]
+
+    clock = itertools.count(0, 10)  # every call: 10 s later
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    log = io.StringIO()
+    bar = LineProgress(None, desc="b", file=log, seconds=25.0)
+    for _ in range(5):
+        bar.update()
+    bar.set_postfix(loss=0.123456)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["3", "5"]  # at 30 s, then at the close
+    assert lines[-1].endswith("loss=0.1235")
+
+    silent = io.StringIO()
+    with LineProgress(10, file=silent, enabled=False) as bar:
+        bar.update(10)
+    assert silent.getvalue() == "" and bar.n == 10
+    with pytest.raises(ValueError, match="every"):
+        LineProgress(10, every=0.0)
 
 
 # ----------------------------------------------------------------------------- command line
