@@ -378,6 +378,11 @@ def test_sample_with_denoiser_needs_no_inverse_and_no_score(monkeypatch):
                                generator=torch.Generator().manual_seed(0))  # fmt: skip
     torch.testing.assert_close(out, denoiser(u[:, 0], y, y_mask))
     assert (out - u[:, 0]).abs().max() > 1e-3  # the denoiser did something
+    # An unconditional denoiser reads u_{t_0} only, also after a conditional chain.
+    plain = perturb_parameters(LearnedDenoiser(features=2, tokens=3, dim=8, heads=2).double())
+    out = sample_with_denoiser(model, plain, 5, steps=2, cfg=1.0, y=y, y_mask=y_mask,
+                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    torch.testing.assert_close(out, plain(u[:, 0]))
     with pytest.raises(AssertionError, match="must not call"):
         sample_denoised(model, 2, steps=2, y=y[:2], y_mask=y_mask[:2])
 

@@ -493,7 +493,8 @@ def sample_with_denoiser(
     """Samples with the Gaussian chain and maps ``u_{t_0}`` to ``x̂_0`` with ``denoiser``.
 
     The learned denoiser replaces both the (autoregressive) transporter inverse and the score
-    step: no inverse and no backward pass. The denoiser gets the same condition as the chain.
+    step: no inverse and no backward pass. The denoiser gets the same condition as the chain
+    if it takes one (``cond_features > 0``); an unconditional denoiser reads ``u_{t_0}`` only.
     Arguments are those of :meth:`~trajflow.ntm.NTM.sample`.
 
     Returns:
@@ -505,6 +506,8 @@ def sample_with_denoiser(
             f"got {tuple(denoiser.event_shape)}"
         )
     u, _ = sample_u_trajectory(model, n, steps, cfg, y, y_mask, temperature, generator, t_min)
+    if not getattr(denoiser, "cond_features", 0):
+        return denoiser(u[:, 0])
     return denoiser(u[:, 0], y, y_mask)
 
 
