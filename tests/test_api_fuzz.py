@@ -317,6 +317,20 @@ def test_flow_matching_constructor_checks():
     rejected(lambda: FlowMatching(net, schedule={"steps": [2]}), "schedule to be a ScheduleConfig")
 
 
+# --------------------------------------------------------------------------- NormalizingFlow
+@FUZZ
+@given(n=BAD_COUNTS, temperature=st.floats(0, 2) | BAD_NON_NEGATIVE)
+def test_normalizing_flow_sample_rejects_bad_arguments(n, temperature):
+    from trajflow import NormalizingFlow
+
+    flow = NormalizingFlow(Sequential(BLOCKS.build("affine_coupling", features=2)), shape=(2,))
+    rejected(lambda: flow.sample(n, temperature=temperature), "NormalizingFlow.sample")
+    if isinstance(temperature, float) and 0 <= temperature < math.inf:
+        assert flow.sample(3, temperature=temperature).shape == (3, 2)
+    else:
+        rejected(lambda: flow.sample(3, temperature=temperature), "temperature", ">= 0")
+
+
 # --------------------------------------------------------------------------- ModelConfig
 PREDICTOR = {"name": "mlp", "kwargs": {"features": D, "hidden_features": [8]}}
 COUPLING = {"name": "affine_coupling", "kwargs": {"features": D, "time_features": 8}}

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from trajflow.checks import check_count, check_number
 from trajflow.core import Block, Context, check_features
 
 __all__ = ["NormalizingFlow", "standard_normal_log_prob"]
@@ -60,7 +61,14 @@ class NormalizingFlow(nn.Module):
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
     ) -> Tensor:
-        """Draws ``n`` samples (``ctx``, if given, must have batch size ``n``)."""
+        """Draws ``n`` samples (``ctx``, if given, must have batch size ``n``).
+
+        Raises:
+            TypeError, ValueError: For ``n`` not an integer ``>= 1``, a temperature that is
+                not a finite number ``>= 0``, or no known ``shape`` yet.
+        """
+        n = check_count("NormalizingFlow.sample", "n", n)
+        temperature = check_number("NormalizingFlow.sample", "temperature", temperature, low=0.0)
         if self.shape is None:
             raise ValueError("NormalizingFlow.sample needs `shape` (or one log_prob call) first")
         parameter = next(self.transform.parameters(), None)
