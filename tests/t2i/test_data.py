@@ -23,10 +23,13 @@ from trajflow_t2i.data import (
     SHAPES,
     T2I_DATASETS,
     CaptionedImages,
+    Scene,
+    ShapeObject,
     dequantize,
     heldout_combinations,
     make_split,
     paraphrases,
+    render,
     split_words,
     to_float,
     to_uint8,
@@ -110,7 +113,8 @@ def test_heldout_split_holds_only_and_all_heldout_combinations(heldout):
 def test_kinds_counts_relations_and_sizes_are_all_drawn(train):
     size = train.scenes[0].image_size
     kinds = Counter(s.kind for s in train.scenes)
-    assert set(kinds) == set(KINDS) and min(kinds.values()) > 0.25 * len(train)
+    # Equally likely kinds (the held-out rejection must not favour any): 1/3 ± 3 sd.
+    assert set(kinds) == set(KINDS) and min(kinds.values()) > 0.3 * len(train)
     assert {s.count for s in train.scenes if s.kind == "count"} == {1, 2, 3}
     assert {s.relation for s in train.scenes if s.kind == "relation"} == set(RELATIONS)
     sizes = {o.size for s in train.scenes for o in s.objects}
@@ -143,6 +147,29 @@ def test_scene_ground_truth_matches_the_pixels(train):
             ax0, ay0, ax1, ay1 = a.bbox
             bx0, by0, bx1, by1 = b.bbox
             assert ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0
+
+
+@pytest.mark.parametrize("size", [5, 6, 7, 9, 14])
+def test_shapes_look_like_their_names(size):
+    masks = {}
+    for shape in SHAPES:
+        obj = ShapeObject(shape, "white", (size / 2, size / 2), size, (0, 0, size, size))
+        masks[shape] = render([Scene("single", (obj,), None, 1, 16 if size < 9 else 32)])[
+            0, 0, :size, :size
+        ].bool()
+    square, circle, triangle, diamond = (
+        masks[s] for s in ("square", "circle", "triangle", "diamond")
+    )
+    assert square.all()
+    for mask in (circle, diamond):  # symmetric, corners empty, full middle row and column
+        assert torch.equal(mask, mask.flip(0)) and torch.equal(mask, mask.flip(1))
+        assert torch.equal(mask, mask.T) and not mask[0, 0] and not mask[-1, -1]
+        assert mask[size // 2].all() and mask[:, size // 2].all()
+    assert circle.sum() > diamond.sum()
+    # Apex up: a narrow top row, a full bottom row, rows never narrower going down.
+    widths = triangle.sum(dim=1)
+    assert widths[0] <= 2 and widths[-1] == size and (widths.diff() >= 0).all()
+    assert torch.equal(triangle, triangle.flip(1))
 
 
 def test_relations_are_unambiguous(train):
