@@ -193,7 +193,7 @@ def test_pairwise_is_an_unbiased_estimate_of_the_trajectory_nll():
     trajectory, times = draw((D,), steps=4, batch=1, seed=3)
     n = 2000
     many, many_times = trajectory.expand(n, -1, -1), times.expand(n, -1)
-    estimate = model._pairwise_log_prob(
+    estimate, _ = model._pairwise_log_prob(
         many, many_times, None, None, None, torch.Generator().manual_seed(0)
     )
     end_to_end = model.trajectory_log_prob(trajectory, times)[0]
@@ -208,6 +208,34 @@ def test_pairwise_is_an_unbiased_estimate_of_the_trajectory_nll():
     # ... and the Monte Carlo average agrees within its standard error.
     error = estimate.std() / math.sqrt(n)
     assert (estimate.mean() - end_to_end).abs() < 4 * error, (estimate.mean(), end_to_end, error)
+
+
+def test_pairwise_alignment_loss_scores_the_sampled_pair():
+    """In pair-wise mode the auxiliary loss is ‖μ_P - μ_FM‖² on the same random step k as the
+    NLL term: replaying k, it equals the mean of the per-level errors at the drawn k, whose
+    uniform average over k is exactly the end-to-end auxiliary loss."""
+    from trajflow import FlowMatching
+
+    fm = FlowMatching(mlp("velocity"))
+    perturb_parameters(fm.net, scale=0.3, seed=4)
+    model = NTM.from_flow_matching(fm, coupling_transporter(), mode="pairwise")
+    trajectory, times = draw((D,), steps=4, batch=1, seed=5)
+    steps = 4
+    u, _ = model.transport(trajectory[:, :-1], times[:, :-1], steps)
+    u_in = torch.cat([u[:, 1:], trajectory[:, -1:]], dim=1)
+    mean, _ = model.gaussian(u_in, times[:, 1:], times[:, :-1], steps)
+    target = model._teacher_mean(trajectory[:, 1:], times[:, 1:], times[:, :-1], None, None, None)
+    per_level = (mean - target).square().mean(-1)[0]  # (T,)
+    assert per_level.min() > 1e-6  # the transporter and the perturbation make it non-trivial
+    full = model._alignment_loss(trajectory, times, steps, None, None, None)
+    torch.testing.assert_close(per_level.mean(), full, rtol=1e-12, atol=1e-14)
+    n = 64
+    many, many_times = trajectory.expand(n, -1, -1), times.expand(n, -1)
+    _, aux = model._pairwise_log_prob(
+        many, many_times, None, None, None, torch.Generator().manual_seed(0), with_aux=True
+    )
+    k = torch.randint(0, steps, (n,), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(aux, per_level[k].mean(), rtol=1e-10, atol=1e-14)
 
 
 def test_pairwise_with_a_causal_predictor_is_rejected():
