@@ -315,7 +315,8 @@ def _write_samples(path: Path, samples, title: str) -> None:
 
             scatter_grid({title: samples}, temporary, columns=1, limit=4.0)
         elif path.suffix.lower() == ".npy":
-            np.save(temporary, samples.numpy())
+            with open(temporary, "wb") as file:  # a path not ending in .npy would get one added
+                np.save(file, samples.numpy())
         else:
             torch.save(samples, temporary)
 
