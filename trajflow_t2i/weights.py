@@ -79,7 +79,7 @@ def export_model(model, folder: str | os.PathLike, extra: dict[str, Any] | None 
         meta = {
             "format": FORMAT,
             "stage": model.stage,
-            "config": model.config.model_dump(mode="json"),
+            "config": _config_with_encoder(model).model_dump(mode="json"),
             "parameters": model.parameter_count(),
             "sha256": _sha256(staging / WEIGHTS_FILE),
             "extra": extra or {},
@@ -121,6 +121,14 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     if meta.get("stage") not in ("fm", "ntm"):
         raise ValueError(f"{path}: stage must be 'fm' or 'ntm', got {meta.get('stage')!r}")
     return meta
+
+
+def _config_with_encoder(model) -> T2IConfig:
+    """The model's config with the text encoder's full spec (the builtin one's vocabulary
+    included), so a later change of the caption templates cannot re-map a shipped model."""
+    config = model.config.model_copy(deep=True)
+    config.model.text_encoder = model.text_encoder.spec()
+    return T2IConfig.model_validate(config.model_dump())
 
 
 def load_model(folder: str | os.PathLike | None = None, device: str | torch.device = "cpu"):

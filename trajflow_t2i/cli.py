@@ -1,0 +1,166 @@
+"""Command line: ``trajflow-t2i train | sample | info``.
+
+    trajflow-t2i sample "a red circle left of a blue square" --out x.png
+    trajflow-t2i train --preset small --out runs/small
+    trajflow-t2i info [--checkpoint DIR]
+
+Errors in prompts, configs or checkpoints print one clear message and exit with status 2;
+no partial output file is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _config(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from trajflow_t2i.presets import T2IConfig, preset
+
+    if args.config:
+        path = Path(args.config)
+        try:
+            return T2IConfig.model_validate_json(path.read_text())
+        except OSError as error:
+            raise CLIError(f"cannot read the config {path}: {error.strerror or error}") from None
+        except ValidationError as error:
+            raise CLIError(f"invalid config {path}: {error}") from None
+    try:
+        return preset(args.preset)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+
+
+def _train(args: argparse.Namespace) -> None:
+    from trajflow_t2i.training import train_t2i
+
+    config = _config(args)
+    out = Path(args.out or f"runs/{config.name}")
+    try:
+        train_t2i(config, out, resume=args.resume, device=args.device)
+    except (FileExistsError, ValueError) as error:
+        raise CLIError(str(error)) from None
+    print(f"trained {config.name}: exported to {out / 'final'}")
+
+
+def _load(checkpoint: str | None):
+    from trajflow_t2i.weights import load_model
+
+    try:
+        return load_model(checkpoint)
+    except (FileNotFoundError, ValueError) as error:
+        where = "the shipped default checkpoint" if checkpoint is None else checkpoint
+        raise CLIError(f"cannot load {where}: {error}") from None
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from trajflow_t2i.pipeline import Pipeline, image_grid, save_png
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CLIError(f"--out must name a .png file, got {out}")
+    if not out.parent.is_dir():
+        raise CLIError(f"the folder of --out {out} does not exist")
+    if args.n < 1 or args.steps < 1:
+        raise CLIError(f"--n and --steps must be positive, got {args.n} and {args.steps}")
+    if not args.cfg >= 0:
+        raise CLIError(f"--cfg must be a weight >= 0, got {args.cfg}")
+    pipeline = Pipeline(_load(args.checkpoint))
+    try:
+        images = pipeline(args.prompts, n=args.n, steps=args.steps, cfg=args.cfg, seed=args.seed)
+    except ValueError as error:  # unknown words, empty or over-long prompts
+        raise CLIError(f"bad prompt: {error}") from None
+    save_png(image_grid(images), out)
+    print(f"wrote {out}: {len(args.prompts)} prompt(s) × {args.n} image(s), {args.steps} steps")
+
+
+def _info(args: argparse.Namespace) -> None:
+    import torch
+
+    from trajflow_t2i.model import TextToImage
+    from trajflow_t2i.presets import PRESETS, preset
+    from trajflow_t2i.weights import DEFAULT_WEIGHTS, read_config
+
+    if args.checkpoint or not args.presets:
+        folder = args.checkpoint or DEFAULT_WEIGHTS
+        try:
+            meta = read_config(folder)
+        except (FileNotFoundError, ValueError) as error:
+            raise CLIError(f"cannot read {folder}: {error}") from None
+        meta["config"] = meta["config"].model_dump(mode="json")
+        print(json.dumps({"checkpoint": str(folder), **meta}, indent=2))
+        if args.checkpoint:
+            return
+    rows = []
+    for name in PRESETS:
+        config = preset(name)
+        with torch.device("meta"):  # the paper's size builds without allocating memory
+            counts = TextToImage(config, stage="ntm").parameter_count()
+        rows.append((name, config.data.name, config.data.image_size, counts))
+    print(
+        f"{'preset':<7} {'data':<7} {'size':>4} {'transporter':>12} {'predictor':>12} "
+        f"{'text':>10} {'total':>14}"
+    )
+    for name, data, size, counts in rows:
+        print(
+            f"{name:<7} {data:<7} {size:>4} {counts['transporter']:>12,} "
+            f"{counts['predictor']:>12,} {counts['text_encoder']:>10,} {counts['total']:>14,}"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``trajflow-t2i``."""
+    parser = argparse.ArgumentParser(
+        prog="trajflow-t2i", description="Text-to-image Normalizing Trajectory Models."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="FM pretraining, then NTM finetuning")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="tiny, small, base or paper")
+    source.add_argument("--config", help="a T2IConfig JSON file")
+    train.add_argument("--out", help="run folder (default runs/<preset>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    train.set_defaults(run=_train)
+
+    sample = commands.add_parser("sample", help="an image grid for one or more prompts")
+    sample.add_argument("prompts", nargs="+", help="one or more prompts (one grid row each)")
+    sample.add_argument("--steps", type=int, default=4, help="Gaussian steps T (default 4)")
+    sample.add_argument("--cfg", type=float, default=3.0, help="guidance weight w >= 0")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--n", type=int, default=8, help="images per prompt")
+    sample.add_argument("--checkpoint", help="exported model folder (default: shipped)")
+    sample.add_argument("--out", required=True, help="output .png")
+    sample.set_defaults(run=_sample)
+
+    info = commands.add_parser("info", help="presets and their sizes; a checkpoint's config")
+    info.add_argument("--checkpoint", help="exported model folder")
+    info.add_argument("--presets", action="store_true", help="only the presets table")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the CLI; exits with status 2 and a one-line message on user errors."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except CLIError as error:
+        print(f"trajflow-t2i {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
