@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -34,6 +34,7 @@ __all__ = [
     "PosteriorCoefficients",
     "ScheduleConfig",
     "ShiftedGrid",
+    "StepsWeighting",
     "TimeGrid",
     "UniformGrid",
     "draw_steps",
@@ -224,10 +225,38 @@ def draw_t_min(
     return low + (high - low) * torch.rand(batch, generator=generator, dtype=torch.float64)
 
 
-def draw_steps(choices: Sequence[int], generator: torch.Generator | None = None) -> int:
-    """One step count ``T`` for the whole batch, uniformly from ``choices``."""
+#: How :func:`draw_steps` weights the step counts.
+StepsWeighting = Literal["uniform", "transitions"]
+
+
+def draw_steps(
+    choices: Sequence[int],
+    generator: torch.Generator | None = None,
+    weighting: StepsWeighting = "uniform",
+) -> int:
+    """One step count ``T`` for the whole batch, drawn from ``choices``.
+
+    Args:
+        choices: The step counts a model is trained for.
+        generator: Seeds the draw.
+        weighting: ``"uniform"``: every ``T`` equally often. ``"transitions"``: ``T`` with
+            probability ``∝ T``, so that every transition ``(T, k)`` is drawn equally often.
+            Pair-wise training scores one transition per sample: with uniform ``T`` a
+            transition of ``T = 8`` gets a quarter of the samples of one of ``T = 2``.
+
+    Example:
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> drawn = [draw_steps([2, 8], generator, "transitions") for _ in range(1000)]
+        >>> 0.7 < drawn.count(8) / len(drawn) < 0.9  # 8 / (2 + 8) = 0.8
+        True
+    """
     if not choices:
         raise ValueError("expected at least one step count")
+    if weighting == "transitions":
+        # Each T listed T times: one uniform draw over the pool picks a uniform transition.
+        choices = [step for step in choices for _ in range(step)]
+    elif weighting != "uniform":
+        raise ValueError(f"weighting must be 'uniform' or 'transitions', got {weighting!r}")
     return int(choices[int(torch.randint(0, len(choices), (1,), generator=generator))])
 
 
@@ -246,6 +275,11 @@ class ScheduleConfig(BaseModel):
     shift: float = Field(0.0, description="μ of the shifted grid (ignored by 'uniform').")
     steps: list[int] = Field(
         default_factory=lambda: [4], description="T drawn per batch from these."
+    )
+    steps_weighting: StepsWeighting = Field(
+        "uniform",
+        description="'uniform': every T equally often; 'transitions': T with probability ∝ T, "
+        "so every transition (T, k) is trained equally often (see draw_steps).",
     )
     t_min_low: float = Field(1e-3, gt=0, lt=1, description="Lower end of the per-sample t_min.")
     t_min_high: float = Field(0.05, gt=0, lt=1, description="Upper end of the per-sample t_min.")
