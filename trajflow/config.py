@@ -28,7 +28,7 @@ from trajflow.flow_matching import FlowMatching
 from trajflow.ntm import NTM
 from trajflow.predictors import PREDICTORS
 from trajflow.registry import Registry, Spec
-from trajflow.schedules import ScheduleConfig
+from trajflow.schedules import ScheduleConfig, StepsWeighting
 
 __all__ = ["FinetuneConfig", "ModelConfig", "toy_flow_matching_config", "toy_ntm_config"]
 
@@ -185,6 +185,7 @@ def toy_ntm_config(
     transporter_hidden: Sequence[int] = (32, 32),
     steps: Sequence[int] = (2, 4, 8),
     mode: Literal["end_to_end", "pairwise"] = "pairwise",
+    steps_weighting: StepsWeighting = "transitions",
 ) -> ModelConfig:
     """An NTM for low-dimensional vector data: spline couplings and an MLP predictor.
 
@@ -192,6 +193,9 @@ def toy_ntm_config(
     on the level's time and ``T``, alternating which half moves; each starts as the identity,
     so the untrained model is a Gaussian reverse chain. ``transporter_layers=0`` *is* that
     chain (the paper's no-transporter ablation). One model serves every ``T`` in ``steps``.
+    ``T`` is drawn with probability ``∝ T`` by default, so that in pair-wise training every
+    transition of every ``T`` gets the same share of the samples (uniform ``T`` starves the
+    transitions of the largest ``T``, which then sample worse than fewer steps).
 
     Example:
         >>> config = toy_ntm_config(transporter_layers=2)
@@ -210,7 +214,7 @@ def toy_ntm_config(
             {"name": "spline_coupling", "kwargs": {**coupling, "parity": layer % 2 == 1}}
             for layer in range(transporter_layers)
         ],
-        schedule={"steps": list(steps)},
+        schedule={"steps": list(steps), "steps_weighting": steps_weighting},
         mode=mode,
     )
 

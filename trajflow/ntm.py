@@ -373,7 +373,7 @@ class NTM(nn.Module):
             raise ValueError(f"NTM.loss expected mode 'end_to_end' or 'pairwise', got {mode!r}")
         self._check_mode(mode, self.predictor)
         batch = x0.shape[0]
-        steps = draw_steps(self.schedule.steps, generator)
+        steps = draw_steps(self.schedule.steps, generator, self.schedule.steps_weighting)
         t_min = draw_t_min(batch, self.schedule.t_min_low, self.schedule.t_min_high, generator)
         times = self.grid(steps, t_min).to(x0.device)
         trajectory = sample_trajectory(x0, times, generator)
