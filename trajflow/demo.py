@@ -5,7 +5,7 @@ samples the NTM with 4 steps and FM with 4 and 100 Euler steps, and reports like
 sample quality. :func:`flow_demo` trains a neural spline flow built from registered blocks.
 
 Example:
-    >>> report = flow_demo(iterations=5, out_dir=None)
+    >>> report = flow_demo(iterations=5, out_dir=None, progress=False)
     >>> sorted(report)
     ['dataset', 'iterations', 'seconds', 'test_bits_per_dim', 'test_log_likelihood']
 """
@@ -22,6 +22,7 @@ import torch
 from trajflow.core import Sequential
 from trajflow.data import sample_dataset
 from trajflow.flow import NormalizingFlow
+from trajflow.progress import progress_bar
 
 __all__ = ["build_spline_flow", "flow_demo", "ntm_demo"]
 
@@ -53,8 +54,11 @@ def flow_demo(
     batch_size: int = 512,
     seed: int = 0,
     out_dir: str | Path | None = "out/demo",
+    progress: bool = True,
 ) -> dict:
     """Trains a spline flow on ``dataset``; reports held-out log-likelihood; plots samples.
+
+    ``progress`` shows a bar on a terminal, or a line every 10% of the steps in a log.
 
     Returns:
         ``test_log_likelihood`` (nats per sample, 5000 held-out points), its bits/dim,
@@ -66,13 +70,17 @@ def flow_demo(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(iterations, 1))
     flow.log_prob(sample_dataset(dataset, 4096, seed=seed))  # ActNorm's data-dependent init
     start = time.perf_counter()
-    for step in range(iterations):
-        batch = sample_dataset(dataset, batch_size, seed=seed * 1_000_003 + step + 1)
-        loss = -flow.log_prob(batch).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    with progress_bar(iterations, desc="train spline flow", enabled=progress) as bar:
+        for step in range(iterations):
+            batch = sample_dataset(dataset, batch_size, seed=seed * 1_000_003 + step + 1)
+            loss = -flow.log_prob(batch).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update()
+            if (step + 1) % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
     seconds = time.perf_counter() - start
 
     with torch.no_grad():
@@ -116,7 +124,8 @@ def ntm_demo(
 
     Both use the same MLP (as predictor / velocity net) and the same budget. The NTM is one
     model trained with ``T`` drawn from {2, 4, 8}; it is sampled with 4 steps, FM with 4 and
-    100 Euler steps.
+    100 Euler steps. ``progress`` shows a bar on a terminal, or a line every 10% of each
+    training in a log (see :func:`~trajflow.progress.progress_bar`).
 
     Returns:
         The report: the NTM's trajectory NLL and its data bits/dim bound (with the variable it
