@@ -92,7 +92,9 @@ class CheckpointState:
     """Everything :func:`load_checkpoint` read besides the model.
 
     Attributes:
-        model_config: The config the model was rebuilt from (``None`` if none was saved).
+        model_config: The config the model was rebuilt from (``None`` if none was saved): a
+            :class:`~trajflow.config.ModelConfig`, or the plain dict of another package's
+            config (e.g. ``trajflow_t2i``'s), which that package validates itself.
         train_config: The training config as a plain dict (``None`` if none was saved).
         step: Number of training steps taken when the checkpoint was written.
         optimizer: An ``optimizer.state_dict()`` ready for ``load_state_dict`` (or ``None``).
@@ -102,7 +104,7 @@ class CheckpointState:
         extra: Free-form JSON state saved by the caller.
     """
 
-    model_config: ModelConfig | None
+    model_config: ModelConfig | dict[str, Any] | None
     train_config: dict[str, Any] | None
     step: int
     optimizer: dict[str, Any] | None = None
@@ -206,10 +208,22 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_TRAJFLOW_CONFIG = "trajflow.config.ModelConfig"
+
+
+def _config_class(model_config: BaseModel | None) -> str | None:
+    """The dotted class name saved beside a model config (informative; never imported)."""
+    if model_config is None:
+        return None
+    if isinstance(model_config, ModelConfig):
+        return _TRAJFLOW_CONFIG
+    return f"{type(model_config).__module__}.{type(model_config).__qualname__}"
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
-    model_config: ModelConfig | None,
+    model_config: BaseModel | None,
     train_config: BaseModel | Mapping[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
@@ -246,11 +260,13 @@ def save_checkpoint(
 
     Raises:
         TypeError: If some state is not JSON-able (the message names it) or ``model_config``
-            is not a :class:`~trajflow.config.ModelConfig`.
+            is not a pydantic model. A :class:`~trajflow.config.ModelConfig` lets
+            :func:`load_checkpoint` rebuild the model; another package's config is stored
+            with its class name and handed back as a dict.
     """
     path = Path(path)
-    if model_config is not None and not isinstance(model_config, ModelConfig):
-        raise TypeError(f"expected model_config to be a ModelConfig, got {type(model_config)}")
+    if model_config is not None and not isinstance(model_config, BaseModel):
+        raise TypeError(f"expected model_config to be a pydantic model, got {type(model_config)}")
     tensors = {f"model/{k}": _cpu_copy(v) for k, v in model.state_dict().items()}
     if ema is not None:
         tensors.update({f"ema/{k}": _cpu_copy(v) for k, v in ema.state_dict().items()})
@@ -261,6 +277,7 @@ def save_checkpoint(
         "version": VERSION,
         "step": int(step),
         "model_config": None if model_config is None else model_config.model_dump(mode="json"),
+        "model_config_class": _config_class(model_config),
         "train_config": _jsonable(train_config, "train_config"),
         "optimizer": None
         if optimizer is None
@@ -430,14 +447,17 @@ def load_checkpoint(
     path = Path(path)
     config, tensors = _read(path)
     model_config = config.get("model_config")
-    if model_config is not None:
+    foreign = config.get("model_config_class", _TRAJFLOW_CONFIG) != _TRAJFLOW_CONFIG
+    if model_config is not None and not foreign:
         try:
             model_config = ModelConfig.model_validate(model_config)
         except ValueError as error:  # pydantic's ValidationError, unknown registry names
             raise CheckpointError(f"{path / CONFIG_FILE}: invalid model_config: {error}") from None
     if model is None:
-        if model_config is None:
-            raise ValueError(f"{path} has no model config: pass the model to load the weights into")
+        if model_config is None or foreign:
+            raise ValueError(
+                f"{path} has no trajflow model config: pass the model to load the weights into"
+            )
         model = model_config.build()
     model.load_state_dict(_prefixed(tensors, "model/"), strict=True)
     if device is not None:

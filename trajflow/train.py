@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -36,7 +37,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -66,8 +67,10 @@ __all__ = [
     "update_ema",
 ]
 
-#: ``data_fn(step, batch_size) -> Tensor``: the clean batch of a step (deterministic in step).
-DataFn = Callable[[int, int], Tensor]
+#: ``data_fn(step, batch_size)``: the batch of a step (deterministic in step): a tensor of
+#: clean data, or a tuple of tensors with ``batch_size`` rows each (e.g. images and caption
+#: tokens), passed to ``model.loss`` as positional arguments.
+DataFn = Callable[[int, int], Tensor | tuple[Tensor, ...]]
 
 
 class TrainConfig(BaseModel):
@@ -92,6 +95,10 @@ class TrainConfig(BaseModel):
         log_every: Steps between progress-bar and history updates.
         dataset: Registered toy dataset (``DATASETS``) of the default ``data_fn``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``… or ``"auto"`` (CUDA when available).
+        precision: ``"float32"``, or ``"bf16"``: the loss runs under bfloat16 autocast (on
+            CUDA, or CPU where supported); parameters, optimizer state, log-determinants and
+            losses stay float32.
+        compile: Run the loss through ``torch.compile``.
 
     Example:
         >>> TrainConfig(iterations=10).betas
@@ -116,6 +123,8 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, ge=1)
     dataset: str = "checkerboard"
     device: str = "cpu"
+    precision: Literal["float32", "bf16"] = "float32"
+    compile: bool = False
 
     @field_validator("betas")
     @classmethod
@@ -253,8 +262,8 @@ class _Loss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x0: Tensor, step: int, generator: torch.Generator) -> Tensor:
-        loss = self.model.loss(x0, step=step, generator=generator).loss
+    def forward(self, *batch: Tensor, step: int, generator: torch.Generator) -> Tensor:
+        loss = self.model.loss(*batch, step=step, generator=generator).loss
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TypeError(
                 f"expected model.loss(...).loss to be a scalar tensor, got {type(loss).__name__}"
@@ -301,6 +310,38 @@ def _default_data(config: TrainConfig) -> DataFn:
     return data_fn
 
 
+def _local_batch(
+    batch: Tensor | tuple[Tensor, ...],
+    step: int,
+    batch_size: int,
+    processes: _Processes,
+    local: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor, ...]:
+    """Checks a step's batch, takes this rank's rows and moves them to the model."""
+    parts = (batch,) if isinstance(batch, Tensor) else batch
+    if (
+        not isinstance(parts, tuple | list)
+        or not parts
+        or not all(isinstance(part, Tensor) and part.shape[:1] == (batch_size,) for part in parts)
+    ):
+        found = (
+            [getattr(part, "shape", type(part).__name__) for part in parts]
+            if isinstance(parts, tuple | list)
+            else type(batch).__name__
+        )
+        raise TypeError(
+            f"expected data_fn({step}, {batch_size}) to return a tensor or a tuple of tensors "
+            f"with {batch_size} rows each, got {found}"
+        )
+    rows = slice(processes.rank * local, (processes.rank + 1) * local)
+    return tuple(
+        part[rows].to(device=device, dtype=dtype if part.is_floating_point() else None)
+        for part in parts
+    )
+
+
 def _grad_norm(parameters: list[nn.Parameter], clip: float | None) -> Tensor:
     if clip is not None:
         return nn.utils.clip_grad_norm_(parameters, clip)
@@ -312,7 +353,7 @@ def train(
     model: nn.Module | None = None,
     config: TrainConfig | dict[str, Any] | None = None,
     data_fn: DataFn | None = None,
-    model_config: ModelConfig | None = None,
+    model_config: BaseModel | None = None,
     resume: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> TrainResult:
@@ -422,6 +463,13 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
         if ema is not None and (state is None or state.ema is None):
             # DDP broadcast rank 0's weights into the model: average from those.
             ema.load_state_dict(model.state_dict())
+    if config.compile:
+        loss_module = torch.compile(loss_module)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if config.precision == "bf16"
+        else contextlib.nullcontext()
+    )
     local = config.batch_size // processes.world
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     writes = config.out_dir is not None and processes.rank == 0
@@ -440,19 +488,21 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
     began = time.perf_counter()
     model.train()
     for step in range(start, config.iterations):
-        batch = data_fn(step, config.batch_size)
-        if not isinstance(batch, Tensor) or batch.shape[:1] != (config.batch_size,):
-            raise TypeError(
-                f"expected data_fn({step}, {config.batch_size}) to return a tensor with "
-                f"{config.batch_size} rows, got {getattr(batch, 'shape', type(batch).__name__)}"
-            )
-        batch = batch[processes.rank * local : (processes.rank + 1) * local]
-        batch = batch.to(device=device, dtype=dtype if batch.is_floating_point() else None)
+        batch = _local_batch(
+            data_fn(step, config.batch_size),
+            step,
+            config.batch_size,
+            processes,
+            local,
+            device,
+            dtype,
+        )
         generator = torch.Generator().manual_seed(
             step_seed(config.seed, step, f"model/{processes.rank}")
         )
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_module(batch, step, generator)
+        with autocast:
+            loss = loss_module(*batch, step=step, generator=generator).float()
         # Backward even when the loss is not finite: under DDP every rank must join the
         # gradient all-reduce; the update is skipped below.
         loss.backward()

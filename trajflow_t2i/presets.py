@@ -227,7 +227,10 @@ def _small() -> T2IConfig:
         model=ModelSettings(
             text_encoder=Spec(name="builtin", kwargs={"features": 64, "layers": 2, "heads": 4}),
             patch=2,
-            transporter_layers=4,
+            # 2 x 2 layers rather than the default 2 x 4: on 2 CPU cores each transporter
+            # layer costs about as much as a predictor layer (method notes: the paper's
+            # appendix also gives 2).
+            transporter_layers=2,
             transporter_dim=64,
             predictor_layers=4,
             predictor_dim=128,
@@ -235,8 +238,12 @@ def _small() -> T2IConfig:
             time_features=64,
         ),
         train=TrainSettings(
-            fm=StageConfig(iterations=5000, batch_size=64, lr=1e-3, warmup_steps=200),
-            ntm=StageConfig(iterations=1500, batch_size=64, lr=3e-4, warmup_steps=100),
+            fm=StageConfig(
+                iterations=4000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999
+            ),
+            ntm=StageConfig(
+                iterations=1000, batch_size=64, lr=3e-4, warmup_steps=50, ema_decay=0.998
+            ),
             checkpoint_every=500,
         ),
     )
