@@ -1,8 +1,9 @@
-"""Command line: ``trajflow-t2i train | sample | info``.
+"""Command line: ``trajflow-t2i train | sample | info | demo``.
 
     trajflow-t2i sample "a red circle left of a blue square" --out x.png
     trajflow-t2i train --preset small --out runs/small
     trajflow-t2i info [--checkpoint DIR]
+    trajflow-t2i demo --out out/demo
 
 Errors in prompts, configs or checkpoints print one clear message and exit with status 2;
 no partial output file is left behind.
@@ -119,6 +120,18 @@ def _info(args: argparse.Namespace) -> None:
         )
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from trajflow_t2i.demo import run_demo, summary
+
+    if args.images < 1 or args.tiny_steps < 1:
+        raise CLIError(
+            f"--images and --tiny-steps must be positive, got {args.images}, {args.tiny_steps}"
+        )
+    report = run_demo(args.out, args.checkpoint, args.images, args.tiny_steps)
+    print(summary(report))
+    print(f"wrote {Path(args.out) / 'samples.png'} and {Path(args.out) / 'report.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``trajflow-t2i``."""
     parser = argparse.ArgumentParser(
@@ -149,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--checkpoint", help="exported model folder")
     info.add_argument("--presets", action="store_true", help="only the presets table")
     info.set_defaults(run=_info)
+
+    demo = commands.add_parser("demo", help="sample, check, bound and train briefly (make demo)")
+    demo.add_argument("--out", default="out/demo", help="output folder")
+    demo.add_argument("--checkpoint", help="exported model folder (default: shipped)")
+    demo.add_argument("--images", type=int, default=256, help="prompts checked per split")
+    demo.add_argument("--tiny-steps", type=int, default=60, help="steps per stage of the tiny run")
+    demo.set_defaults(run=_demo)
     return parser
 
 
