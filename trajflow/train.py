@@ -8,8 +8,13 @@ optimizer and scheduler this makes resuming exact: ``k`` steps, save, load and c
 ``N`` gives bitwise the parameters of ``N`` steps in one go.
 
 Launched under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
-DistributedDataParallel (gloo on CPU, nccl on CUDA), every rank takes its slice of the step's
-batch, and only rank 0 writes checkpoints.
+DistributedDataParallel (gloo on CPU, nccl on CUDA), or sharded with FSDP2 (``fsdp=True``:
+every :class:`~trajflow.nn.TransformerLayer` and the rest at the root); every rank takes its
+slice of the step's batch, and only rank 0 writes checkpoints, in the single-process format.
+A rank's slice may be split into ``micro_batches`` whose gradients accumulate before the
+update. Global micro-batch ``j`` (rank ``r``, micro-batch ``i``, ``j = r · micro_batches + i``)
+draws its randomness from the stream ``"model/<j>"``, so ``W`` processes with ``M``
+micro-batches train the same parameters (to float rounding) as one process with ``W · M``.
 
 Example:
     >>> from trajflow.config import ModelConfig
@@ -30,6 +35,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -41,8 +47,16 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support: nothing is ever sharded
+
+    class DTensor:  # type: ignore[no-redef]
+        """Stands in for torch's DTensor, of which no instance can then exist."""
+
 
 from trajflow.checkpoint import (
     checkpoint_name,
@@ -54,6 +68,7 @@ from trajflow.checkpoint import (
 )
 from trajflow.config import ModelConfig
 from trajflow.data import DATASETS, sample_dataset
+from trajflow.nn import TransformerLayer
 from trajflow.progress import progress_bar
 
 __all__ = [
@@ -99,6 +114,13 @@ class TrainConfig(BaseModel):
             CUDA, or CPU where supported); parameters, optimizer state, log-determinants and
             losses stay float32.
         compile: Run the loss through ``torch.compile``.
+        micro_batches: Split each rank's share of the batch into this many micro-batches and
+            accumulate their gradients (each loss scaled by ``1 / micro_batches``; under DDP
+            only the last one all-reduces). Must divide the per-rank batch.
+        fsdp: Under ``torchrun``, shard parameters, gradients and optimizer state with FSDP2
+            instead of replicating them with DDP. Checkpoints are gathered to rank 0 in the
+            single-process format. Without ``torchrun`` (one process) there is nothing to
+            shard and it has no effect.
 
     Example:
         >>> TrainConfig(iterations=10).betas
@@ -125,6 +147,16 @@ class TrainConfig(BaseModel):
     device: str = "cpu"
     precision: Literal["float32", "bf16"] = "float32"
     compile: bool = False
+    micro_batches: int = Field(1, ge=1)
+    fsdp: bool = False
+
+    @model_validator(mode="after")
+    def _micro_batches_divide_the_batch(self) -> TrainConfig:
+        if self.batch_size % self.micro_batches:
+            raise ValueError(
+                f"micro_batches ({self.micro_batches}) must divide batch_size ({self.batch_size})"
+            )
+        return self
 
     @field_validator("betas")
     @classmethod
@@ -344,11 +376,132 @@ def _local_batch(
 
 def _grad_norm(parameters: list[nn.Parameter], clip: float | None) -> Tensor:
     if clip is not None:
-        return nn.utils.clip_grad_norm_(parameters, clip)
-    norms = [torch.linalg.vector_norm(p.grad) for p in parameters if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        norm = nn.utils.clip_grad_norm_(parameters, clip)
+    else:
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if any(isinstance(grad, DTensor) for grad in grads):
+            norm = nn.utils.get_total_norm(grads)
+        else:
+            norms = [torch.linalg.vector_norm(grad) for grad in grads]
+            norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    # Under FSDP the norm of the sharded gradients is a replicated DTensor.
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+# ------------------------------------------------------------------------------- FSDP2
+_FULL_PREFIX = "model."  # FSDP's names of the model's tensors: _Loss holds it as ``model``
+
+
+def _fully_shard(root: nn.Module, mesh: Any) -> None:
+    """FSDP2: every TransformerLayer is its own unit (gathered only while it runs); the rest
+    of the parameters are sharded at ``root``, whose forward gathers them."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
+        from torch.distributed._composable.fsdp import fully_shard
+    for module in list(root.modules()):
+        if isinstance(module, TransformerLayer):
+            fully_shard(module, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(module: nn.Module, device: torch.device) -> None:
+    """Rank 0's weights on every rank, one tensor at a time (DDP does this when wrapping;
+    FSDP2 would shard each rank's own, possibly different, initial weights)."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        staged = tensor.detach().to(device)  # nccl only broadcasts CUDA tensors
+        dist.broadcast(staged.view(torch.uint8) if staged.dtype == torch.bool else staged, src=0)
+        tensor.copy_(staged)
+
+
+@torch.no_grad()
+def _gather_into(target: nn.Module, sharded: nn.Module) -> None:
+    """Copies a sharded module's full tensors into its plain twin on every rank.
+
+    One tensor at a time, so no device ever holds more than one full parameter at once.
+    """
+    full = target.state_dict()
+    for name, value in sharded.state_dict().items():
+        full[name].copy_(value.full_tensor() if isinstance(value, DTensor) else value)
+
+
+def _unprefixed(state: dict[str, Any]) -> dict[str, Any]:
+    return {name.removeprefix(_FULL_PREFIX): value for name, value in state.items()}
+
+
+def _optimizer_by_index(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A full FSDP optimizer state (keyed by parameter name) keyed by parameter index, as
+    ``optimizer.state_dict()`` is in a single process: the checkpoint format is the same."""
+    index = {name: position for position, name in enumerate(names)}
+    return {
+        "state": {index[name]: values for name, values in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [index[name] for name in group["params"]]}
+            for group in state["param_groups"]
+        ],
+    }
+
+
+def _optimizer_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Inverse of :func:`_optimizer_by_index`."""
+    return {
+        "state": {names[position]: values for position, values in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [names[position] for position in group["params"]]}
+            for group in state["param_groups"]
+        ],
+    }
+
+
+class _SavedState:
+    """Hands :func:`save_checkpoint` a state dict gathered elsewhere (by FSDP) where it
+    expects an optimizer."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+
+def _full_states(
+    root: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema_root: nn.Module | None,
+) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Tensor] | None]:
+    """Full model, optimizer and EMA states gathered on rank 0's CPU (empty on other ranks).
+
+    A collective: every rank must call it.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(root, options=options)
+    optimizer_state = get_optimizer_state_dict(root, optimizer, options=options)
+    ema_state = None if ema_root is None else get_model_state_dict(ema_root, options=options)
+    return model_state, optimizer_state, ema_state
+
+
+def _load_full_optimizer(
+    root: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], names: list[str]
+) -> None:
+    """Shards a single-process optimizer state (every rank read the checkpoint) into FSDP's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(
+        root,
+        optimizer,
+        _optimizer_by_name(state, names),
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+# ------------------------------------------------------------------------------- the loop
 def train(
     model: nn.Module | None = None,
     config: TrainConfig | dict[str, Any] | None = None,
@@ -363,7 +516,9 @@ def train(
     with ``g_i`` seeded from ``(seed, i)``, backward, gradient clipping, and an AdamW update
     unless the loss or the gradient norm is NaN/inf — such steps are counted and never
     applied (the learning-rate schedule still advances, so it depends on the step index
-    only). The EMA copy, if any, is updated after every applied step.
+    only). The EMA copy, if any, is updated after every applied step. With
+    ``micro_batches > 1`` each rank's rows are split into micro-batches, each with its own
+    generator, whose gradients accumulate into the step's.
 
     Args:
         model: The model; ``None`` builds it from ``model_config`` with initial weights
@@ -382,11 +537,12 @@ def train(
             every 10% of the run (see :func:`~trajflow.progress.progress_bar`).
 
     Returns:
-        A :class:`TrainResult`.
+        A :class:`TrainResult`. Its losses are averaged over the ranks. Under FSDP its model
+        and EMA are plain (unsharded) modules on the CPU holding the gathered weights.
 
     Raises:
         ValueError: If there is no model to train, ``resume`` holds no checkpoint, or the batch
-            does not split evenly across ranks.
+            does not split evenly across ranks and micro-batches.
         TypeError: If the model has no ``loss`` method or ``data_fn`` returns no tensor.
     """
     if config is None:
@@ -423,27 +579,62 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
         raise ValueError(
             f"batch_size {config.batch_size} must be divisible by the {processes.world} processes"
         )
-    model = model.to(device)
+    local = config.batch_size // processes.world
+    if local % config.micro_batches:
+        raise ValueError(
+            f"micro_batches ({config.micro_batches}) must divide the {local} rows of each of "
+            f"the {processes.world} processes (batch_size {config.batch_size})"
+        )
+    fsdp = config.fsdp and processes.distributed
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    mesh = None
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (processes.world,))
+        # `model` stays a plain module on the CPU (it receives the gathered weights at the
+        # end); a copy of it is sharded and trained.
+        _broadcast_from_rank0(model, device)
+        trained = copy.deepcopy(model)
+    else:
+        model = trained = model.to(device)
     data_fn = data_fn or _default_data(config)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
-    )
-    schedule = WarmupCosine(config.iterations, config.warmup_steps, config.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ema = None
+    ema = ema_trained = None
     if config.ema_decay is not None:
         ema = copy.deepcopy(model).requires_grad_(False).eval()
-
-    start, skipped_at = 0, []
     if state is not None:
         if ema is not None and state.ema is None:
             warnings.warn(
                 "the checkpoint has no EMA: it starts from the loaded weights", stacklevel=2
             )
-        restore_training_state(
-            state, optimizer, scheduler, ema if state.ema is not None else None, rng=True
-        )
+        if ema is not None and state.ema is not None:
+            ema.load_state_dict(state.ema, strict=True)
+
+    loss_module: nn.Module = _Loss(trained)
+    ema_root = None
+    if fsdp:
+        _fully_shard(loss_module, mesh)
+        if ema is not None:  # an EMA of the shards, sharded like the model
+            ema_root = _Loss(copy.deepcopy(ema))
+            _fully_shard(ema_root, mesh)
+            ema_trained = ema_root.model
+    else:
+        ema_trained = ema
+    parameters = [p for p in trained.parameters() if p.requires_grad]
+    names = [_FULL_PREFIX + n for n, p in trained.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+    schedule = WarmupCosine(config.iterations, config.warmup_steps, config.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    start, skipped_at = 0, []
+    if state is not None:
+        if fsdp:
+            if state.optimizer is None:
+                raise ValueError("the checkpoint holds no optimizer state to restore")
+            _load_full_optimizer(loss_module, optimizer, state.optimizer, names)
+        restore_training_state(state, None if fsdp else optimizer, scheduler, None, rng=True)
         # The loaded scheduler carries the saved schedule's settings; follow this config's,
         # which for the same config gives bitwise the same rates.
         scheduler.lr_lambdas = [schedule]
@@ -452,9 +643,9 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
         start = state.step
         skipped_at = list(state.extra.get("skipped_at", []))
 
-    loss_module: nn.Module = _Loss(model)
-    if processes.distributed:
-        loss_module = nn.parallel.DistributedDataParallel(
+    ddp = None
+    if processes.distributed and not fsdp:
+        loss_module = ddp = nn.parallel.DistributedDataParallel(
             loss_module,
             device_ids=[device.index] if device.type == "cuda" else None,
             # FlowMatching never uses its predictor's (t_out, T) path.
@@ -470,9 +661,9 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
         if config.precision == "bf16"
         else contextlib.nullcontext()
     )
-    local = config.batch_size // processes.world
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    writes = config.out_dir is not None and processes.rank == 0
+    micro = config.micro_batches
+    rows = local // micro
+    saves = config.out_dir is not None and (fsdp or processes.rank == 0)
 
     losses: list[float] = []
     history: list[dict[str, float]] = []
@@ -486,7 +677,7 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
         enabled=progress and processes.rank == 0,
     )
     began = time.perf_counter()
-    model.train()
+    trained.train()
     for step in range(start, config.iterations):
         batch = _local_batch(
             data_fn(step, config.batch_size),
@@ -497,25 +688,34 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
             device,
             dtype,
         )
-        generator = torch.Generator().manual_seed(
-            step_seed(config.seed, step, f"model/{processes.rank}")
-        )
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = loss_module(*batch, step=step, generator=generator).float()
-        # Backward even when the loss is not finite: under DDP every rank must join the
-        # gradient all-reduce; the update is skipped below.
-        loss.backward()
-        norm = _grad_norm(parameters, config.grad_clip)
-        stats = torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)])
-        bad = (~torch.isfinite(stats)).any().float()
-        if processes.distributed:  # a NaN on one rank skips the step everywhere
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        loss_value, norm_value, bad_value = torch.cat([stats, bad[None]]).tolist()  # one sync
+        loss = torch.zeros((), device=device)
+        for index in range(micro):
+            part = tuple(tensor[index * rows : (index + 1) * rows] for tensor in batch)
+            # Global micro-batch j = rank · micro + index: its stream does not depend on how
+            # the global batch is split between processes and micro-batches.
+            generator = torch.Generator().manual_seed(
+                step_seed(config.seed, step, f"model/{processes.rank * micro + index}")
+            )
+            # Under DDP only the last micro-batch all-reduces the accumulated gradients.
+            last = index == micro - 1
+            with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                with autocast:
+                    part_loss = loss_module(*part, step=step, generator=generator).float()
+                # Backward even when the loss is not finite: under DDP every rank must join the
+                # gradient all-reduce; the update is skipped below.
+                (part_loss / micro).backward()
+            loss = loss + part_loss.detach() / micro
+        norm = _grad_norm(parameters, config.grad_clip).detach().float().to(loss.device)
+        stats = torch.stack([loss, (~torch.isfinite(torch.stack([loss, norm]))).any().float()])
+        if processes.distributed:  # the mean loss; a NaN on one rank skips the step everywhere
+            dist.all_reduce(stats)
+            stats = stats / torch.tensor([processes.world, 1.0], device=stats.device)
+        loss_value, bad_value, norm_value = torch.cat([stats, norm[None]]).tolist()  # one sync
         if bad_value == 0:
             optimizer.step()
             if ema is not None:
-                update_ema(ema, model, config.ema_decay)
+                update_ema(ema_trained, trained, config.ema_decay)
             window.append(loss_value)
         else:
             skipped_at.append(step)
@@ -534,27 +734,42 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
             history.append({"step": done, "loss": mean, "lr": lr, "grad_norm": norm_value})
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", skipped=len(skipped_at))
             window = []
-        if writes and (
+        if saves and (
             done == config.iterations
             or (config.checkpoint_every is not None and done % config.checkpoint_every == 0)
         ):
-            checkpoints.append(
-                save_checkpoint(
-                    Path(config.out_dir) / checkpoint_name(done),
-                    model,
-                    model_config,
-                    train_config=config,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    ema=ema,
-                    step=done,
-                    extra={"skipped_at": skipped_at},
+            saved_optimizer: Any = optimizer
+            if fsdp:  # every rank gathers, rank 0 writes the single-process format
+                model_state, optimizer_state, ema_state = _full_states(
+                    loss_module, optimizer, ema_root
                 )
-            )
-            # Only after the new checkpoint is safely in place.
-            prune_checkpoints(config.out_dir, config.keep_last, done)
+                if processes.rank == 0:
+                    model.load_state_dict(_unprefixed(model_state))
+                    if ema is not None:
+                        ema.load_state_dict(_unprefixed(ema_state))
+                    saved_optimizer = _SavedState(_optimizer_by_index(optimizer_state, names))
+            if processes.rank == 0:
+                checkpoints.append(
+                    save_checkpoint(
+                        Path(config.out_dir) / checkpoint_name(done),
+                        model,
+                        model_config,
+                        train_config=config,
+                        optimizer=saved_optimizer,
+                        scheduler=scheduler,
+                        ema=ema,
+                        step=done,
+                        extra={"skipped_at": skipped_at},
+                    )
+                )
+                # Only after the new checkpoint is safely in place.
+                prune_checkpoints(config.out_dir, config.keep_last, done)
     bar.close()
     wall_time = time.perf_counter() - began
+    if fsdp:  # the trained weights into the plain modules, on every rank
+        _gather_into(model, trained)
+        if ema is not None:
+            _gather_into(ema, ema_trained)
     tail = [v for v in losses[-config.log_every :] if math.isfinite(v)]
     return TrainResult(
         model=model,
