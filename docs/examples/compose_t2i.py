@@ -214,7 +214,7 @@ assert BITS_AFTER < 0.1 * BITS_BEFORE, (BITS_BEFORE, BITS_AFTER)
 
 # --8<-- [start:preset]
 config = preset("tiny")  # a pydantic T2IConfig: data, networks, schedule and recipe
-print(config.model.patch, config.model.transporter_blocks, config.train.fm.iterations)
+print(config.model.tokens(config.data), config.model.token_features(config.data))  # 16 48
 with tempfile.TemporaryDirectory() as folder:
     model = train_t2i(config, folder, progress=False)  # FM 20 steps, then NTM 20 steps
     print(sorted(p.name for p in Path(folder).iterdir()))  # ['final', 'fm', 'ntm']
