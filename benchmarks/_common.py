@@ -153,7 +153,11 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Writes ``payload`` as indented JSON, creating parent folders; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    text = json.dumps(payload, indent=2, allow_nan=True) + "\n"
+    # Through a temporary file: an interrupted run never leaves a half-written result.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
     return path
 
 
@@ -191,17 +195,27 @@ class Target:
         value: The measured value.
         limit: The bound it must respect.
         at_most: True if the value must not exceed ``limit``, False if it must reach it.
+        note: How to read the verdict, e.g. that a GPU target was measured on a CPU.
 
     Example:
         >>> Target("ratio", 1.3, 1.5).line()
         'PASS  ratio: 1.3 (target <= 1.5)'
     """
 
-    def __init__(self, name: str, value: float, limit: float, *, at_most: bool = True):
+    def __init__(
+        self,
+        name: str,
+        value: float,
+        limit: float,
+        *,
+        at_most: bool = True,
+        note: str | None = None,
+    ):
         self.name = name
         self.value = value
         self.limit = limit
         self.at_most = at_most
+        self.note = note
 
     @property
     def passed(self) -> bool:
@@ -212,17 +226,19 @@ class Target:
         """A one-line ``PASS``/``MISS`` verdict."""
         verdict = "PASS" if self.passed else "MISS"
         sign = "<=" if self.at_most else ">="
-        return f"{verdict}  {self.name}: {format_value(self.value)} (target {sign} {self.limit})"
+        line = f"{verdict}  {self.name}: {format_value(self.value)} (target {sign} {self.limit})"
+        return line if self.note is None else f"{line} [{self.note}]"
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form of the target and its verdict."""
-        return {
+        result = {
             "name": self.name,
             "value": self.value,
             "limit": self.limit,
             "at_most": self.at_most,
             "passed": self.passed,
         }
+        return result if self.note is None else {**result, "note": self.note}
 
 
 def pyplot() -> Any | None:
