@@ -1,6 +1,6 @@
 """Compose a text-to-image NTM from registered parts, then do the same with TextToImage.
 
-Run from the repository root: ``python docs/examples/compose_t2i.py`` (about 20 seconds on
+Run from the repository root: ``python docs/examples/compose_t2i.py`` (under half a minute on
 one CPU core). The page ``docs/tutorials/text_to_image.md`` includes this file section by
 section. The script asserts every claim the page makes, and ``tests/test_docs.py`` runs it.
 """
