@@ -1,0 +1,196 @@
+"""The text-to-image benchmark: a smoke run writes a complete JSON; its parts are right."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import scipy.linalg
+import torch
+
+from trajflow.core import Context
+from trajflow_t2i.data import make_split
+from trajflow_t2i.model import TextToImage
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET_NAMES = [
+    "NTM T=4 ok - FM Euler 50 ok",
+    "NTM T=4 Frechet / FM Euler 50 Frechet",
+    "FM Euler 50 time / NTM T=4 time",
+    "NTM T=1 Frechet / NTM T=4 Frechet",
+    "NTM T=4 ok - NTM T=1 ok",
+]
+
+
+@pytest.fixture(scope="module")
+def t2i():
+    spec = importlib.util.spec_from_file_location("t2i_bench", ROOT / "benchmarks" / "t2i.py")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: its dataclass resolves annotations through sys.modules.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def quick(t2i, tmp_path_factory):
+    out = tmp_path_factory.mktemp("t2i") / "quick.json"
+    t2i.main(["--quick", "--out", str(out)])
+    return out
+
+
+def test_quick_run_writes_every_row_and_target(t2i, quick):
+    result = json.loads(quick.read_text())  # well-formed JSON, no NaN
+    assert result["benchmark"] == "t2i" and "torch" in result["fingerprint"]
+    found = [(r["method"], r["steps"]) for r in result["records"]]
+    expected = [("data", None)] + [(m, s) for m, s in t2i.rows()]
+    assert found == expected
+    assert {("ntm", t) for t in (1, 2, 4, 8)} <= set(found)
+    assert {("flow_matching", t) for t in (4, 8, 16, 50, 100)} <= set(found)
+    assert ("tarflow", 1) in found
+    for record in result["records"]:
+        assert 0 <= record["ok"] <= 1 and 0 <= record["ok_heldout"] <= 1
+        assert math.isfinite(record["frechet"]) and record["frechet"] >= 0
+        assert set(record["accuracy"]) >= {"all"}
+        if record["method"] == "data":
+            assert record["ok"] == 1.0  # the check is exact on ground-truth renders
+            continue
+        assert record["ms_per_image"] > 0 and 0 <= record["ok_unguided"] <= 1
+        has_likelihood = record["method"] in ("ntm", "tarflow")
+        assert (record["bits_per_dim"] is not None) == has_likelihood
+        if has_likelihood:
+            assert math.isfinite(record["bits_per_dim"])
+    assert [t["name"] for t in result["targets"]] == TARGET_NAMES
+    for target in result["targets"]:
+        assert set(target) == {"name", "value", "limit", "at_most", "passed"}
+    settings = result["settings"]
+    assert "t0 = 0.001" in settings["bits_per_dim_variable"]
+    assert "K = 256" in settings["bits_per_dim_variable"]
+    assert settings["guidance"] == t2i.GUIDANCE and settings["steps_weighting"] == "transitions"
+    assert set(result["train_seconds"]) == {"ntm_pretrain", "ntm_finetune", "flow_matching",
+                                            "tarflow"}  # fmt: skip
+    assert quick.with_suffix(".png").stat().st_size > 0
+
+
+def test_every_method_gets_the_same_budget(t2i, monkeypatch):
+    """NTM pretraining + finetuning steps equal the FM and TarFlow steps; same batch, same init."""
+    calls = []
+
+    def fake_fit(model, config, stage, progress, data_fn=None):
+        calls.append((model, stage))
+        return model.eval(), 0.0
+
+    monkeypatch.setattr(t2i, "fit", fake_fit)
+    settings = t2i.dataclasses.replace(t2i.QUICK, iterations=1001)
+    models, _ = t2i.train_all(settings, seed=0, progress=False)
+    (pretrain, pre), (ntm, fine), (fm, full), (tarflow, tf) = calls
+    assert pre.iterations + fine.iterations == full.iterations == tf.iterations == 1001
+    assert pre.batch_size == fine.batch_size == full.batch_size == tf.batch_size
+    assert pre.iterations == round(settings.pretrain_fraction * 1001)
+    assert isinstance(ntm, TextToImage) and ntm.stage == "ntm" and models["ntm"] is ntm
+    assert ntm.generator.teacher is not None and ntm.generator.aux_weight == 2.5
+    assert ntm.generator.mode == "pairwise"
+    assert ntm.generator.schedule.steps == [1, 2, 4, 8]
+    assert ntm.generator.schedule.steps_weighting == "transitions"
+    assert isinstance(tarflow, t2i.TextTarFlow) and models["flow_matching"] is fm
+    # The two flow-matching runs start from the same weights.
+    for a, b in zip(pretrain.parameters(), fm.parameters(), strict=True):
+        assert torch.allclose(a, b)
+
+
+def test_tarflow_matches_the_ntm_parameter_count(t2i):
+    config = t2i.t2i_config(t2i.FULL)
+    assert config.model.tokens(config.data) == 16 and config.model.patch == 4
+    ntm = TextToImage(config, stage="ntm")
+    tarflow = t2i.TextTarFlow(config, *t2i.FULL.tarflow)
+    ratio = t2i.generator_parameters(tarflow) / t2i.generator_parameters(ntm)
+    assert 0.95 <= ratio <= 1.05
+    assert t2i.parameter_count(tarflow.text_encoder) == t2i.parameter_count(ntm.text_encoder)
+    assert len(tarflow.flow.transform) > len(ntm.generator.transporter)  # deeper
+
+
+def _perturbed_block(t2i, flip: bool):
+    block = t2i.TarFlowBlock(6, 5, dim=16, layers=2, heads=2, flip=flip, cond_features=8)
+    with torch.no_grad():
+        block.head.weight.normal_(std=0.3, generator=torch.Generator().manual_seed(1))
+        block.head.bias.normal_(std=0.3, generator=torch.Generator().manual_seed(2))
+    return block.double().eval()
+
+
+def _contexts(batch: int):
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(batch, 3, 8, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False]] * batch)
+    return Context(tokens=tokens, mask=mask), Context(tokens=tokens, mask=torch.zeros_like(mask))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_guided_inverse_without_guidance_is_the_conditional_inverse(t2i, flip):
+    block = _perturbed_block(t2i, flip)
+    conditional, null = _contexts(4)
+    z = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    expected, _ = block.inverse_kv_cache(z, conditional)
+    assert torch.allclose(t2i.guided_inverse(block, z, conditional, null, 0.0), expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_guided_inverse_inverts_the_guided_forward(t2i, flip):
+    """x = guided_inverse(z) satisfies z = (x - b) exp(-a) with b, a mixed from both branches."""
+    block, weight = _perturbed_block(t2i, flip), 2.0
+    conditional, null = _contexts(4)
+    z = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = t2i.guided_inverse(block, z, conditional, null, weight)
+    assert not torch.allclose(x, block.inverse_kv_cache(z, conditional)[0], atol=1e-3)
+    recorded = []
+    original = block._affine
+    block._affine = lambda h: recorded.append(original(h)) or recorded[-1]
+    with torch.no_grad():
+        block(x, conditional), block(x, null)
+    (shift_c, scale_c), (shift_u, scale_u) = recorded
+    shift = (1 + weight) * shift_c - weight * shift_u
+    log_scale = (1 + weight) * scale_c - weight * scale_u
+    xs = block._oriented(x)
+    z_again = block._oriented((xs - shift) * torch.exp(-log_scale))
+    assert torch.allclose(z_again, z, atol=1e-9)
+
+
+def test_frechet_distance_matches_the_closed_form(t2i):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 5, generator=g, dtype=torch.float64) @ torch.randn(
+        5, 5, generator=g, dtype=torch.float64
+    )
+    b = 0.5 + torch.randn(300, 5, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, 5)
+    cov_a, cov_b = torch.cov(a.T).numpy(), torch.cov(b.T).numpy()
+    root = scipy.linalg.sqrtm(cov_a @ cov_b).real
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + (cov_a + cov_b - 2 * root).trace()
+    assert t2i.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert t2i.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(ValueError, match="feature sets"):
+        t2i.frechet_distance(a, b[:, :3])
+
+
+def test_image_features_see_colours_and_blur(t2i):
+    images = make_split("shapes", "test", n=16, seed=0).images
+    features = t2i.image_features(images)
+    assert features.shape == (16, 63)
+    shares, off = features[:, 48:56], features[:, 56]
+    assert torch.allclose(shares.sum(1), torch.ones(16)) and (off == 0).all()  # exact renders
+    blurred = torch.nn.functional.avg_pool2d(images.float(), 3, 1, 1).round().to(torch.uint8)
+    assert (t2i.image_features(blurred)[:, 56] > 0).all()  # blur leaves the palette
+    assert (features[:, 57:] > 0).all()  # every palette colour has edges in every channel
+    flat = torch.full((1, 3, 16, 16), 200, dtype=torch.uint8)
+    assert (t2i.image_features(flat)[:, 57:] == 0).all() and t2i.image_features(flat)[0, 56] == 1
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        t2i.image_features(images[:, :1])
+
+
+def test_out_must_be_json(t2i, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        t2i.main(["--quick", "--out", str(tmp_path / "result.txt")])
+    assert error.value.code == 2
+    assert not list(tmp_path.iterdir())
