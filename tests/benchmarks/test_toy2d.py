@@ -36,8 +36,10 @@ def ring_dataset():
     DATASETS._entries.pop("test_ring")
 
 
-def test_run_reports_every_method_and_target(toy2d, ring_dataset):
+def test_run_reports_every_method_and_target(toy2d, ring_dataset, monkeypatch):
+    monkeypatch.setattr(toy2d, "BATCH", 128)  # a smoke run: the budget's shape, not its size
     result = toy2d.run(ring_dataset, seed=0, iters=3, eval_points=300)
+    assert result["settings"]["batch_size"] == 128
     methods = {(r["method"], r["steps"]) for r in result["records"]}
     assert {("ntm", t) for t in (1, 2, 4, 8)} <= methods
     assert {("ntm_finetuned", t) for t in (1, 2, 4, 8)} <= methods
