@@ -194,3 +194,23 @@ def test_out_must_be_json(t2i, tmp_path):
         t2i.main(["--quick", "--out", str(tmp_path / "result.txt")])
     assert error.value.code == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_tarflow_loss_drops_prompts_and_scores_x_t0(t2i, monkeypatch):
+    config = t2i.t2i_config(t2i.QUICK)
+    model = t2i.TextTarFlow(config, blocks=1, layers=1, dim=16)
+    model.cfg_dropout = 0.5
+    data = make_split("shapes", "train", n=64, seed=0)
+    ids, mask = model.text_encoder.tokenize(data.captions)
+    seen = []
+    original = model.flow.log_prob
+    monkeypatch.setattr(
+        model.flow, "log_prob", lambda x, ctx: seen.append((x, ctx)) or original(x, ctx)
+    )
+    loss = model.loss(data.images, ids, mask, generator=torch.Generator().manual_seed(0))
+    x, ctx = seen[0]
+    dropped = ~ctx.mask.any(1)
+    assert 10 < int(dropped.sum()) < 54  # about half the prompts, each dropped whole
+    assert torch.equal(ctx.mask[~dropped], mask[~dropped])
+    assert x.shape == (64, 16, 48) and x.abs().max() <= 1.01  # tokens of x_t0 in [-1, 1]
+    assert torch.isfinite(loss.loss) and loss.nll.shape == (64,)
