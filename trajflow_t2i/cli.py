@@ -1,7 +1,8 @@
-"""Command line: ``trajflow-t2i train | sample | info | demo``.
+"""Command line: ``trajflow-t2i train | train-denoiser | sample | info | demo``.
 
-    trajflow-t2i sample "a red circle left of a blue square" --out x.png
+    trajflow-t2i sample "a red circle left of a blue square" --out x.png [--denoiser learned]
     trajflow-t2i train --preset small --out runs/small
+    trajflow-t2i train-denoiser --checkpoint runs/small/final --out runs/small/final/denoiser
     trajflow-t2i info [--checkpoint DIR]
     trajflow-t2i demo --out out/demo
 
@@ -77,13 +78,85 @@ def _sample(args: argparse.Namespace) -> None:
         raise CLIError(f"--n and --steps must be positive, got {args.n} and {args.steps}")
     if not args.cfg >= 0:
         raise CLIError(f"--cfg must be a weight >= 0, got {args.cfg}")
-    pipeline = Pipeline(_load(args.checkpoint))
+    if args.denoiser_checkpoint and args.denoiser != "learned":
+        raise CLIError("--denoiser-checkpoint needs --denoiser learned")
+    model = _load(args.checkpoint)
+    if args.denoiser != "none" and model.stage != "ntm":
+        raise CLIError(f"--denoiser {args.denoiser} needs an NTM-stage checkpoint")
+    pipeline = Pipeline(model, _load_denoiser(args, model))
     try:
-        images = pipeline(args.prompts, n=args.n, steps=args.steps, cfg=args.cfg, seed=args.seed)
+        images = pipeline(
+            args.prompts,
+            n=args.n,
+            steps=args.steps,
+            cfg=args.cfg,
+            seed=args.seed,
+            denoiser=args.denoiser,
+        )
     except ValueError as error:  # unknown words, empty or over-long prompts
         raise CLIError(f"bad prompt: {error}") from None
     save_png(image_grid(images), out)
-    print(f"wrote {out}: {len(args.prompts)} prompt(s) × {args.n} image(s), {args.steps} steps")
+    print(
+        f"wrote {out}: {len(args.prompts)} prompt(s) × {args.n} image(s), {args.steps} steps, "
+        f"denoiser {args.denoiser}"
+    )
+
+
+def _load_denoiser(args: argparse.Namespace, model):
+    """The learned denoiser for ``--denoiser learned``: ``--denoiser-checkpoint``, else the
+    ``denoiser/`` folder of the model's checkpoint."""
+    from trajflow.checkpoint import CheckpointError
+    from trajflow_t2i.denoiser import DENOISER_DIR, load_t2i_denoiser
+    from trajflow_t2i.weights import DEFAULT_WEIGHTS
+
+    if args.denoiser != "learned":
+        return None
+    folder = args.denoiser_checkpoint or Path(args.checkpoint or DEFAULT_WEIGHTS) / DENOISER_DIR
+    if not Path(folder).is_dir():
+        raise CLIError(
+            f"no learned denoiser in {folder}: train one with `trajflow-t2i train-denoiser` "
+            "or name it with --denoiser-checkpoint"
+        )
+    try:
+        return load_t2i_denoiser(folder, model)
+    except (FileNotFoundError, CheckpointError, ValueError) as error:
+        raise CLIError(f"cannot load the denoiser {folder}: {error}") from None
+
+
+def _is_denoiser(folder: Path) -> bool:
+    """Whether ``folder`` holds a denoiser checkpoint (which training may replace)."""
+    from trajflow.checkpoint import read_checkpoint_config
+
+    try:
+        return "denoiser" in read_checkpoint_config(folder).get("extra", {})
+    except (OSError, ValueError):  # CheckpointError is a ValueError
+        return False
+
+
+def _train_denoiser(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from trajflow_t2i.denoiser import DenoiserTrainConfig, train_denoiser
+
+    try:
+        config = DenoiserTrainConfig(
+            steps=args.steps,
+            pairs=args.pairs,
+            holdout=args.holdout,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+    except ValidationError as error:
+        raise CLIError(f"invalid denoiser settings: {error}") from None
+    out = Path(args.out)
+    if out.exists() and not _is_denoiser(out):  # never replace a model or other folder
+        raise CLIError(f"--out {out} exists and is not a denoiser checkpoint: name a new folder")
+    model = _load(args.checkpoint)
+    if model.stage != "ntm":
+        raise CLIError("train-denoiser needs an NTM-stage checkpoint")
+    result = train_denoiser(model, config, out=out)
+    metrics = ", ".join(f"{key} {value:.3e}" for key, value in result.metrics.items())
+    print(f"trained the denoiser ({config.steps} steps): {metrics}; wrote {out}")
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -156,7 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=8, help="images per prompt")
     sample.add_argument("--checkpoint", help="exported model folder (default: shipped)")
     sample.add_argument("--out", required=True, help="output .png")
+    sample.add_argument(
+        "--denoiser",
+        choices=["none", "score", "learned"],
+        default="none",
+        help="denoise the end of the chain: none, score (trajectory score) or learned",
+    )
+    sample.add_argument(
+        "--denoiser-checkpoint", help="learned denoiser folder (default: <checkpoint>/denoiser)"
+    )
     sample.set_defaults(run=_sample)
+
+    denoise = commands.add_parser(
+        "train-denoiser", help="train the learned denoiser of a frozen NTM checkpoint"
+    )
+    denoise.add_argument("--checkpoint", help="exported model folder (default: shipped)")
+    denoise.add_argument("--out", required=True, help="denoiser folder to write")
+    denoise.add_argument("--steps", type=int, default=1000, help="optimisation steps")
+    denoise.add_argument("--pairs", type=int, default=4096, help="score-denoised target pairs")
+    denoise.add_argument("--holdout", type=int, default=256, help="held-out pairs for the report")
+    denoise.add_argument("--batch-size", type=int, default=64)
+    denoise.add_argument("--seed", type=int, default=0)
+    denoise.set_defaults(run=_train_denoiser)
 
     info = commands.add_parser("info", help="presets and their sizes; a checkpoint's config")
     info.add_argument("--checkpoint", help="exported model folder")

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from trajflow import NTM, PREDICTORS, FlowMatching, Registry, Sequential
 from trajflow.blocks.tarflow import TarFlowBlock
+from trajflow.denoise import sample_denoised, sample_with_denoiser
 from trajflow_t2i.data import dequantize, make_split
 from trajflow_t2i.presets import T2IConfig
 from trajflow_t2i.text import TEXT_ENCODERS, TextEncoder
@@ -319,12 +320,20 @@ class TextToImage(nn.Module):
         cfg: float = 0.0,
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
+        denoiser: Literal["none", "score", "learned"] = "none",
+        learned_denoiser: nn.Module | None = None,
     ) -> Tensor:
         """One image per prompt, in ``[-1, 1]``, shape ``(len(prompts), C, H, W)``.
 
         The NTM runs ``steps`` Gaussian steps in u-space and inverts the transporter once;
         the FM stage integrates its ODE with ``steps`` Euler steps. ``cfg`` is the guidance
         weight ``w`` (0: conditional), on ``(μ, σ)`` for the NTM and on the velocity for FM.
+
+        ``denoiser`` (NTM stage only) turns the slightly noisy end of the chain into ``x̂_0``
+        (see :mod:`trajflow.denoise`): ``"score"`` inverts the transporter at every level and
+        takes a trajectory-score step; ``"learned"`` hands ``u_{t_0}`` and the prompt to
+        ``learned_denoiser`` (e.g. from :func:`trajflow_t2i.denoiser.train_denoiser`), with no
+        inverse at all. All three draw the same chain for the same ``generator``.
         """
         if not prompts:
             raise ValueError("generate needs at least one prompt")
@@ -332,9 +341,28 @@ class TextToImage(nn.Module):
             raise ValueError(f"cfg must be a finite weight >= 0, got {cfg}")
         if not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if denoiser not in ("none", "score", "learned"):
+            raise ValueError(f"denoiser must be 'none', 'score' or 'learned', got {denoiser!r}")
+        if denoiser != "none" and self.stage != "ntm":
+            raise ValueError(f"denoiser={denoiser!r} needs the NTM stage, got {self.stage!r}")
+        if denoiser == "learned":
+            # Imported here: trajflow_t2i.denoiser builds on this module.
+            from trajflow_t2i.denoiser import check_denoiser
+
+            if learned_denoiser is None:
+                raise ValueError(
+                    "denoiser='learned' needs learned_denoiser (train one with "
+                    "trajflow_t2i.denoiser.train_denoiser or `trajflow-t2i train-denoiser`)"
+                )
+            check_denoiser(self, learned_denoiser)
         tokens, mask, _ = self.encode_text(prompts)
         n = len(prompts)
-        if self.stage == "ntm":
+        chain = (n, steps, cfg, tokens, mask, temperature, generator)
+        if denoiser == "score":
+            out = sample_denoised(self.generator, *chain)
+        elif denoiser == "learned":
+            out = sample_with_denoiser(self.generator, learned_denoiser, *chain)
+        elif self.stage == "ntm":
             out = self.generator.sample(
                 n,
                 steps=steps,

@@ -19,12 +19,14 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from trajflow_t2i.weights import load_model
+from trajflow_t2i.denoiser import DENOISER_DIR, check_denoiser, load_t2i_denoiser
+from trajflow_t2i.weights import DEFAULT_WEIGHTS, load_model
 
 __all__ = ["Pipeline", "image_grid", "save_png", "to_uint8"]
 
@@ -39,19 +41,32 @@ class Pipeline:
 
     Args:
         model: The text-to-image model (NTM or FM stage).
+        denoiser: A learned denoiser for ``denoiser="learned"``
+            (:mod:`trajflow_t2i.denoiser`), or ``None``.
 
     Use :meth:`from_pretrained` for the checkpoint shipped inside the package.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, denoiser: torch.nn.Module | None = None):
         self.model = model.eval()
+        if denoiser is not None:
+            denoiser = check_denoiser(model, denoiser).eval()
+        self.denoiser = denoiser
 
     @classmethod
     def from_pretrained(
         cls, folder: str | os.PathLike | None = None, device: str = "cpu"
     ) -> Pipeline:
-        """The pipeline of an exported model (``None``: the shipped default checkpoint)."""
-        return cls(load_model(folder, device=device))
+        """The pipeline of an exported model (``None``: the shipped default checkpoint).
+
+        A learned denoiser saved in the folder's ``denoiser/`` subfolder
+        (:data:`~trajflow_t2i.denoiser.DENOISER_DIR`) is loaded too, and must have been
+        trained against these weights.
+        """
+        model = load_model(folder, device=device)
+        learned = Path(DEFAULT_WEIGHTS if folder is None else folder) / DENOISER_DIR
+        denoiser = load_t2i_denoiser(learned, model) if learned.is_dir() else None
+        return cls(model, denoiser)
 
     def __call__(
         self,
@@ -61,6 +76,7 @@ class Pipeline:
         cfg: float = 3.0,
         seed: int = 0,
         temperature: float = 1.0,
+        denoiser: Literal["none", "score", "learned"] = "none",
     ) -> Tensor:
         """``n`` images per prompt as 8-bit pixels, shape ``(P, n, C, H, W)``.
 
@@ -71,6 +87,9 @@ class Pipeline:
             cfg: Classifier-free guidance weight ``w >= 0`` (0: plain conditional).
             seed: Seeds the noise; the same seed gives the same images on the same machine.
             temperature: Scales every step's noise.
+            denoiser: ``"none"`` (one transporter inverse), ``"score"`` (trajectory score
+                denoising) or ``"learned"`` (the pipeline's learned denoiser, no inverse);
+                see :meth:`~trajflow_t2i.model.TextToImage.generate`.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -81,8 +100,20 @@ class Pipeline:
             raise ValueError(f"n (images per prompt) must be a positive integer, got {n!r}")
         repeated = [prompt for prompt in prompts for _ in range(n)]
         generator = torch.Generator().manual_seed(seed)
+        if denoiser == "learned" and self.denoiser is None:
+            raise ValueError(
+                "denoiser='learned' needs a pipeline with a learned denoiser: pass one to "
+                "Pipeline(model, denoiser) or save one as <model folder>/denoiser "
+                "(`trajflow-t2i train-denoiser`)"
+            )
         images = self.model.generate(
-            repeated, steps=steps, cfg=cfg, generator=generator, temperature=temperature
+            repeated,
+            steps=steps,
+            cfg=cfg,
+            generator=generator,
+            temperature=temperature,
+            denoiser=denoiser,
+            learned_denoiser=self.denoiser,
         )
         return to_uint8(images).cpu().reshape(len(prompts), n, *images.shape[1:])
 
