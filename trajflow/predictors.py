@@ -314,7 +314,9 @@ class TrajectoryTransformer(Predictor):
             prefix, cache = layer(prefix, None, 0, prefix_attention)
             # The prefix keys/values of each sample, once per level, and room for the level's
             # own (written in place under no_grad, concatenated with autograd on).
-            cache = cache.repeat_interleave(levels, dim=1)
+            # In h's dtype: under autocast the prefix may come out bf16 and h float32, and
+            # attention needs one dtype (the in-place writes below would keep the prefix's).
+            cache = cache.repeat_interleave(levels, dim=1).to(h.dtype)
             cache = torch.cat(
                 [cache, cache.new_empty(*cache.shape[:3], self.tokens, cache.shape[4])], 3
             )

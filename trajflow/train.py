@@ -593,9 +593,11 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
 
         mesh = init_device_mesh(device.type, (processes.world,))
         # `model` stays a plain module on the CPU (it receives the gathered weights at the
-        # end); a copy of it is sharded and trained.
+        # end); a copy of it is sharded and trained. The copy moves to the device before
+        # sharding so that what FSDP does not manage follows it (an NTM's frozen teacher is
+        # not a submodule: it is replicated, not sharded).
         _broadcast_from_rank0(model, device)
-        trained = copy.deepcopy(model)
+        trained = copy.deepcopy(model).to(device)
     else:
         model = trained = model.to(device)
     data_fn = data_fn or _default_data(config)
@@ -615,7 +617,7 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
     if fsdp:
         _fully_shard(loss_module, mesh)
         if ema is not None:  # an EMA of the shards, sharded like the model
-            ema_root = _Loss(copy.deepcopy(ema))
+            ema_root = _Loss(copy.deepcopy(ema).to(device))
             _fully_shard(ema_root, mesh)
             ema_trained = ema_root.model
     else:
@@ -768,8 +770,10 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
     wall_time = time.perf_counter() - began
     if fsdp:  # the trained weights into the plain modules, on every rank
         _gather_into(model, trained)
+        model.cpu()  # with what it shares with the trained copy (a teacher)
         if ema is not None:
             _gather_into(ema, ema_trained)
+            ema.cpu()
     tail = [v for v in losses[-config.log_every :] if math.isfinite(v)]
     return TrainResult(
         model=model,
