@@ -87,6 +87,8 @@ def stage_train_config(
         # bf16 autocast where it pays (CUDA); CPU runs stay float32.
         precision="bf16" if train.bf16 and _on_cuda(device) else "float32",
         compile=train.compile,
+        # Shards under torchrun only; a single process trains the whole model as before.
+        fsdp=train.fsdp,
     )
 
 
