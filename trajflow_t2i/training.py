@@ -10,6 +10,7 @@ the format of the checkpoint shipped inside the package.
 
 Layout of ``out_dir``::
 
+    autoencoder/    checkpoints of the autoencoder stage (learned autoencoders only)
     fm/step_*/      checkpoints of the flow-matching stage
     ntm/step_*/     checkpoints of the NTM stage
     final/          the exported model
@@ -30,13 +31,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from trajflow.checkpoint import latest_checkpoint, load_checkpoint
 from trajflow.train import TrainConfig, step_seed, train
-from trajflow_t2i.data import make_split
+from trajflow_t2i.data import dequantize, make_split
 from trajflow_t2i.model import TextToImage
 from trajflow_t2i.presets import StageConfig, T2IConfig
 from trajflow_t2i.weights import export_model
@@ -132,6 +134,8 @@ def train_t2i(
 
     fm = TextToImage(config, stage="fm")
     data_fn = caption_batches(config, fm)
+    if any(True for _ in fm.autoencoder.parameters()):
+        _pretrain_autoencoder(fm, config, data_fn, out / "autoencoder", resume, progress, device)
     fm_config = stage_train_config(config, config.train.fm, fm_dir, device)
     state = None
     if resume and _newest(fm_dir) is not None:
@@ -163,6 +167,36 @@ def train_t2i(
     model = _exported_weights(result.model, result.ema)
     export_model(model, out / "final")
     return model
+
+
+class _Reconstruction(nn.Module):
+    """The loss of the autoencoder stage: reconstruction of the dequantised images."""
+
+    def __init__(self, model: TextToImage):
+        super().__init__()
+        self.autoencoder, self.levels = model.autoencoder, model.levels
+
+    def loss(self, images: Tensor, ids: Tensor, mask: Tensor, step: int = 0, generator=None):
+        x = dequantize(images, generator, self.levels).to(ids.device)
+        return SimpleNamespace(loss=self.autoencoder.reconstruction_loss(x))
+
+
+def _pretrain_autoencoder(model, config, data_fn, folder, resume, progress, device) -> None:
+    """Trains the learned autoencoder by reconstruction (or loads it), then freezes it."""
+    wrapper = _Reconstruction(model)
+    stage = config.train.autoencoder
+    checkpoint = _newest(folder) if resume else None
+    state = load_checkpoint(checkpoint, model=wrapper)[1] if checkpoint is not None else None
+    if state is None or state.step < stage.iterations:
+        train(
+            wrapper,
+            stage_train_config(config, stage, folder, device),
+            data_fn,
+            model_config=config,
+            resume=folder if state is not None else None,
+            progress=progress,
+        )
+    model.autoencoder.requires_grad_(False).eval()
 
 
 def _exported_weights(model: TextToImage, ema: TextToImage | None) -> TextToImage:
