@@ -13,14 +13,15 @@ are counted) and of the denoising step alone (chain excluded), the learned outpu
 to the score-denoised output on the same chains (per-pixel RMSE in ``[-1, 1]`` units and
 PSNR with peak-to-peak 2), and for scale the distances of ``none`` and of the identity
 (``x̂_0 = u_{t_0}``, the untrained denoiser) to the same reference. Target (issue 8): the
-learned path ≥ 5× faster per image than the score path.
+learned path ≥ 5× faster per image than the score path. Each ``--cfg`` weight is measured
+separately: guidance doubles the cost of the chain, which every path shares.
 
     python benchmarks/denoiser.py --checkpoint runs/small/final --denoiser-steps 800 \\
-        --out benchmarks/results/denoiser_cpu.json
+        --cfg 3 0 --out benchmarks/results/denoiser_cpu.json
 
 Without ``--checkpoint`` an untrained model of ``--preset`` is built (smoke runs only).
 Writes the JSON, a markdown table, a timing chart (``.png``) and a grid of samples
-(``_samples.png``: rows none / score / learned).
+(``_samples.png``: rows none / score / learned), both for the first ``--cfg``.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _model(args: argparse.Namespace, device: torch.device) -> tuple[TextToImage,
 
 
 def _denoiser(args: argparse.Namespace, model: TextToImage) -> tuple[Any, dict[str, Any]]:
-    if args.denoiser:
+    if args.denoiser:  # trained against this model (its fingerprint is checked)
         denoiser = load_t2i_denoiser(args.denoiser, model)
         info: dict[str, Any] = {"checkpoint": str(args.denoiser)}
     else:
@@ -122,15 +123,15 @@ def _prompts(model: TextToImage, n: int, offset: int = 0) -> list[str]:
 class _Chains:
     """The u-chains of one batch and the three (plus identity) finishes of them."""
 
-    def __init__(self, model: TextToImage, denoiser, prompts: list[str], args, seed: int):
-        self.model, self.denoiser, self.args = model, denoiser, args
+    def __init__(self, model: TextToImage, denoiser, prompts: list[str], args, cfg, seed: int):
+        self.model, self.denoiser, self.args, self.cfg = model, denoiser, args, cfg
         self.tokens, self.mask, _ = model.encode_text(prompts)
         self.seed = seed
 
     def chain(self) -> tuple[Tensor, Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
         args = self.args
-        return sample_u_trajectory(self.model.generator, len(self.tokens), args.steps, args.cfg,
+        return sample_u_trajectory(self.model.generator, len(self.tokens), args.steps, self.cfg,
                                    self.tokens, self.mask, generator=generator)  # fmt: skip
 
     @torch.no_grad()
@@ -145,16 +146,16 @@ class _Chains:
         return u[:, 0]  # identity: the untrained denoiser's output
 
 
-def _timings(model, denoiser, args) -> list[dict]:
+def _timings(model, denoiser, args, cfg: float) -> list[dict]:
     """End-to-end and denoising-step-only seconds per image of each path."""
     prompts = _prompts(model, args.images)
-    chains = _Chains(model, denoiser, prompts, args, args.seed)
+    chains = _Chains(model, denoiser, prompts, args, cfg, args.seed)
     n = len(prompts)
 
     def generate(path: str):
         generator = torch.Generator().manual_seed(args.seed)
         kwargs = {"learned_denoiser": denoiser} if path == "learned" else {}
-        return lambda: model.generate(prompts, args.steps, args.cfg, generator, denoiser=path,
+        return lambda: model.generate(prompts, args.steps, cfg, generator, denoiser=path,
                                       **kwargs)  # fmt: skip
 
     ends = timeit_interleaved([generate(p) for p in PATHS], args.warmup, args.repeats)
@@ -168,6 +169,7 @@ def _timings(model, denoiser, args) -> list[dict]:
     score_end = dict(zip(PATHS, ends, strict=True))["score"]
     records = [
         {
+            "cfg": cfg,
             "path": path,
             "ms_per_image": 1e3 * seconds / n,
             "images_per_s": n / seconds,
@@ -181,13 +183,13 @@ def _timings(model, denoiser, args) -> list[dict]:
     return records
 
 
-def _distances(model, denoiser, args) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _distances(model, denoiser, args, cfg: float) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Per-pixel distances to the score-denoised images on the same chains."""
     squares: dict[str, float] = {"none": 0.0, "learned": 0.0, "identity": 0.0}
     count, first = 0, None
     for start in range(0, args.eval_images, args.images):
         prompts = _prompts(model, min(args.images, args.eval_images - start), offset=start)
-        chains = _Chains(model, denoiser, prompts, args, args.seed + 1 + start)
+        chains = _Chains(model, denoiser, prompts, args, cfg, args.seed + 1 + start)
         u, times = chains.chain()
         images = {
             path: model.to_images(chains.finish(path, u, times))
@@ -197,14 +199,14 @@ def _distances(model, denoiser, args) -> tuple[dict[str, Any], dict[str, Tensor]
             squares[path] += (images[path] - images["score"]).square().sum().item()
         count += images["score"].numel()
         first = images if first is None else first
-    result: dict[str, Any] = {"images": args.eval_images, "reference": "score"}
+    result: dict[str, Any] = {"cfg": cfg, "images": args.eval_images, "reference": "score"}
     for path, total in squares.items():
         rmse = math.sqrt(total / count)
         result[path] = {"rmse": rmse, "psnr_db": 20 * math.log10(2 / rmse) if rmse else math.inf}
     return result, first
 
 
-def _plots(records, samples, out: Path, n_columns: int) -> None:
+def _plots(records, samples, out: Path, n_columns: int, cfg: float) -> None:
     grid = torch.stack([to_uint8(samples[path][:n_columns]) for path in PATHS])
     save_png(image_grid(grid.cpu()), out.with_name(out.stem + "_samples.png"))
     plt = pyplot()
@@ -215,7 +217,7 @@ def _plots(records, samples, out: Path, n_columns: int) -> None:
     step = [r["denoise_step_ms_per_image"] for r in records]
     axis.barh(PATHS, chain, label="Gaussian chain")
     axis.barh(PATHS, step, left=chain, label="denoising step")
-    axis.set(xlabel="ms per image", title="finishing an NTM sample")
+    axis.set(xlabel="ms per image", title=f"finishing an NTM sample (cfg {cfg:g})")
     axis.invert_yaxis()
     axis.legend()
     figure.tight_layout()
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=32, help="images per timed batch")
     parser.add_argument("--eval-images", type=int, default=256, help="images for distances")
     parser.add_argument("--steps", type=int, default=4, help="Gaussian steps T")
-    parser.add_argument("--cfg", type=float, default=3.0, help="guidance (the pipeline's)")
+    parser.add_argument("--cfg", type=float, nargs="+", default=[3.0],
+                        help="guidance weights (3: the pipeline's default)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -247,21 +250,22 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("denoiser_steps", "pairs", "holdout", "images", "eval_images", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not all(math.isfinite(w) and w >= 0 for w in args.cfg):
+        parser.error(f"--cfg weights must be finite and >= 0, got {args.cfg}")
     (device,) = resolve_devices(args.device)
 
     model, model_info = _model(args, device)
     denoiser, denoiser_info = _denoiser(args, model)
-    records = _timings(model, denoiser, args)
-    distances, samples = _distances(model, denoiser, args)
-    learned = next(r for r in records if r["path"] == "learned")
-    targets = [
-        Target(
-            "learned / score speed per image (end to end)",
-            learned["speedup_vs_score"],
-            5.0,
-            at_most=False,
-        )
-    ]
+    records, distances, targets, samples = [], [], [], None
+    for cfg in args.cfg:
+        rows = _timings(model, denoiser, args, cfg)
+        measured, images = _distances(model, denoiser, args, cfg)
+        records += rows
+        distances.append(measured)
+        samples = images if samples is None else samples  # the first cfg's samples
+        learned = next(r for r in rows if r["path"] == "learned")
+        name = f"learned / score speed per image, end to end (cfg {cfg:g})"
+        targets.append(Target(name, learned["speedup_vs_score"], 5.0, at_most=False))
     payload = {
         "fingerprint": fingerprint([device]),
         "settings": vars(args),
@@ -273,14 +277,19 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     write_json(out, payload)
-    columns = ["path", "ms_per_image", "images_per_s", "speedup_vs_score",
+    columns = ["cfg", "path", "ms_per_image", "images_per_s", "speedup_vs_score",
                "denoise_step_ms_per_image", "step_speedup_vs_score"]  # fmt: skip
     print(markdown_table(records, columns))
-    rows = [{"vs score": path, **distances[path]} for path in ("learned", "none", "identity")]
-    print(markdown_table(rows, ["vs score", "rmse", "psnr_db"]))
+    rows = [
+        {"cfg": measured["cfg"], "vs score": path, **measured[path]}
+        for measured in distances
+        for path in ("learned", "none", "identity")
+    ]
+    print(markdown_table(rows, ["cfg", "vs score", "rmse", "psnr_db"]))
     for target in targets:
         print(target.line())
-    _plots(records, samples, out, min(8, args.images))
+    first = [r for r in records if r["cfg"] == args.cfg[0]]
+    _plots(first, samples, out, min(8, args.images), args.cfg[0])
     return payload
 
 

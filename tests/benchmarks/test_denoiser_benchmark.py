@@ -19,28 +19,36 @@ def test_quick_denoiser_benchmark(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "denoiser.py"), "--out", str(out),
                "--preset", "tiny", "--denoiser-steps", "3", "--pairs", "16", "--holdout", "8",
                "--batch-size", "8", "--images", "4", "--eval-images", "6", "--repeats", "1",
-               "--warmup", "0", "--steps", "2", "--save-denoiser", str(tmp_path / "d")]  # fmt: skip
+               "--warmup", "0", "--steps", "2", "--cfg", "1", "0",
+               "--save-denoiser", str(tmp_path / "d")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert [r["path"] for r in result["records"]] == ["none", "score", "learned"]
+    assert [(r["cfg"], r["path"]) for r in result["records"]] == [
+        (cfg, path) for cfg in (1.0, 0.0) for path in ("none", "score", "learned")
+    ]
     for record in result["records"]:
         assert record["ms_per_image"] > 0 and record["denoise_step_ms_per_image"] > 0
         assert math.isclose(record["images_per_s"] * record["ms_per_image"], 1e3, rel_tol=1e-6)
-    score = next(r for r in result["records"] if r["path"] == "score")
-    assert score["speedup_vs_score"] == 1 and score["step_speedup_vs_score"] == 1
-    distances = result["distances"]
-    assert distances["images"] == 6 and distances["reference"] == "score"
-    for path in ("learned", "none", "identity"):
-        rmse = distances[path]["rmse"]
-        assert 0 < rmse < 2 and math.isclose(distances[path]["psnr_db"], 20 * math.log10(2 / rmse))
+    for score in (r for r in result["records"] if r["path"] == "score"):
+        assert score["speedup_vs_score"] == 1 and score["step_speedup_vs_score"] == 1
+    assert [d["cfg"] for d in result["distances"]] == [1.0, 0.0]
+    for distances in result["distances"]:
+        assert distances["images"] == 6 and distances["reference"] == "score"
+        for path in ("learned", "none", "identity"):
+            rmse = distances[path]["rmse"]
+            psnr = distances[path]["psnr_db"]
+            assert 0 < rmse < 2 and math.isclose(psnr, 20 * math.log10(2 / rmse))
+    # Guidance changes the chains, hence the distances.
+    assert result["distances"][0]["learned"] != result["distances"][1]["learned"]
     assert set(result["denoiser"]["metrics"]) == {
         "train_mse",
         "holdout_mse",
         "holdout_identity_mse",
     }
     assert result["model"]["trained"] is False and result["fingerprint"]["devices"]
-    assert result["targets"][0]["limit"] == 5.0 and "|" in done.stdout
+    assert [t["limit"] for t in result["targets"]] == [5.0, 5.0] and "|" in done.stdout
+    assert "cfg 1" in result["targets"][0]["name"] and "cfg 0" in result["targets"][1]["name"]
     assert (tmp_path / "denoiser_samples.png").stat().st_size > 0
     assert (tmp_path / "d" / "weights.safetensors").is_file()
 
@@ -50,12 +58,15 @@ def test_quick_denoiser_benchmark(tmp_path):
     spec.loader.exec_module(bench)
     again = bench.main(["--out", str(tmp_path / "again.json"), "--denoiser", str(tmp_path / "d"),
                         "--images", "4", "--eval-images", "6", "--repeats", "1", "--warmup",
-                        "0", "--steps", "2"])  # fmt: skip
+                        "0", "--steps", "2", "--cfg", "1"])  # fmt: skip
     assert again["denoiser"]["checkpoint"] == str(tmp_path / "d")
     # The same model, chains and denoiser weights: the same distance to the score output.
-    assert math.isclose(again["distances"]["learned"]["rmse"], distances["learned"]["rmse"],
-                        rel_tol=1e-4)  # fmt: skip
+    first = result["distances"][0]["learned"]["rmse"]
+    assert math.isclose(again["distances"][0]["learned"]["rmse"], first, rel_tol=1e-4)
     assert "trained_here" not in again["denoiser"]
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--out", str(tmp_path / "bad.json"), "--images", "0"])
+    assert exit_info.value.code == 2 and not (tmp_path / "bad.json").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--out", str(tmp_path / "bad.json"), "--cfg", "-1"])
     assert exit_info.value.code == 2 and not (tmp_path / "bad.json").exists()
