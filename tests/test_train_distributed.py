@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ import safetensors.torch
 import torch
 
 from trajflow.checkpoint import load_checkpoint, read_checkpoint_config
-from trajflow.config import ModelConfig
+from trajflow.config import ModelConfig, toy_flow_matching_config
 from trajflow.train import TrainConfig, train
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
@@ -236,3 +237,53 @@ def test_one_micro_batch_keeps_the_model_0_stream():
           progress=False)  # fmt: skip
     assert [(s, n) for s, n, _ in seen] == [(s, 2) for s in range(2) for _ in range(4)]
     assert len({draw for _, _, draw in seen}) == 8  # a stream of its own per micro-batch
+
+
+# ----------------------------------------------------------------------------- compile
+def compile_runs(monkeypatch, backend: str | None) -> tuple:
+    """Three FM steps with ``compile=True`` (through ``backend``) and without."""
+    import torch._dynamo
+
+    compiled_modules = []
+    real_compile = torch.compile
+
+    def recording_compile(module, **kwargs):
+        compiled_modules.append(module)
+        return real_compile(module, **({"backend": backend} if backend else {}), **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model_config = toy_flow_matching_config()
+    settings = TrainConfig(iterations=3, batch_size=16, warmup_steps=1)
+    runs = [
+        train(None, settings.model_copy(update={"compile": flag}), model_config=model_config,
+              progress=False)
+        for flag in (True, False)
+    ]  # fmt: skip
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return runs, compiled_modules, graphs
+
+
+def assert_compiled_like_eager(runs, compiled_modules, graphs) -> None:
+    compiled, eager = runs
+    assert len(compiled_modules) == 1 and graphs >= 1  # dynamo traced the loss
+    assert compiled.skipped_steps == 0
+    torch.testing.assert_close(compiled.losses, eager.losses, rtol=1e-4, atol=0)
+    for a, b in zip(compiled.model.parameters(), eager.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_traces_the_loss_and_trains_like_eager(monkeypatch):
+    """``compile=True`` through dynamo with its eager backend: the tracing, in seconds."""
+    assert_compiled_like_eager(*compile_runs(monkeypatch, "eager"))
+
+
+@pytest.mark.skipif(
+    not os.environ.get("TRAJFLOW_SLOW_TESTS"),
+    reason="inductor compiles C++ for about 40 s on 2 CPU cores; set TRAJFLOW_SLOW_TESTS=1",
+)
+@pytest.mark.skipif(shutil.which("cc") is None, reason="inductor on CPU needs a C compiler")
+def test_compile_with_inductor_trains_like_eager(monkeypatch):
+    assert_compiled_like_eager(*compile_runs(monkeypatch, None))
