@@ -189,3 +189,33 @@ def test_bf16_training_steps_are_finite_and_close_to_float32(stage):
     first = runs["float32"].losses[0]
     assert abs(bf16.losses[0] - first) < 0.05 * abs(first)
     assert bf16.losses[0] != first  # autocast did run in bf16
+
+
+def test_fsdp_shards_every_transformer_layer_and_the_root(tmp_path):
+    """The units ``train`` makes: one per TransformerLayer (all of them), the rest at the root."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    from trajflow.nn import TransformerLayer
+    from trajflow.train import _fully_shard, _Loss
+
+    _, ntm = tiny_models()
+    layers = [m for m in ntm.modules() if isinstance(m, TransformerLayer)]
+    # text encoder, 2 TarFlow blocks and the predictor: 1 layer each in the tiny preset
+    assert len(layers) == 4
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        root = _Loss(ntm)
+        _fully_shard(root, init_device_mesh("cpu", (1,)))
+        assert isinstance(root, FSDPModule)
+        assert all(isinstance(layer, FSDPModule) for layer in layers)
+        # The frozen teacher is not a submodule: it is left whole, not sharded.
+        teacher = ntm.generator.teacher
+        assert not any(isinstance(m, FSDPModule) for m in teacher.modules())
+        images, ids, mask = caption_batches(ntm.config, ntm)(0, 4)
+        root(images, ids, mask, step=0, generator=torch.Generator().manual_seed(0)).backward()
+        assert all(p.grad is not None for p in layers[-1].parameters())
+    finally:
+        dist.destroy_process_group()
