@@ -205,6 +205,52 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'samples.png'} and {Path(args.out) / 'report.json'}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from trajflow_t2i.evaluate import run_eval, summary, write_json
+    from trajflow_t2i.verifier import verifier_for
+    from trajflow_t2i.weights import DEFAULT_WEIGHTS
+
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix.lower() != ".json":
+        raise CLIError(f"--out must name a .json file, got {out}")
+    if out is not None and not out.parent.is_dir():
+        raise CLIError(f"the folder of --out {out} does not exist")
+    if args.n < 1 or args.steps < 1 or args.bpd_images < 0:
+        raise CLIError(
+            f"--n and --steps must be positive and --bpd-images >= 0, got {args.n}, "
+            f"{args.steps} and {args.bpd_images}"
+        )
+    if not args.cfg >= 0:
+        raise CLIError(f"--cfg must be a weight >= 0, got {args.cfg}")
+    if args.verifier and Path(args.verifier).exists() and not Path(args.verifier).is_dir():
+        raise CLIError(f"--verifier must name a folder, got the file {args.verifier}")
+    model = _load(args.checkpoint)
+    data = model.config.data
+    try:
+        # A cached verifier is loaded; otherwise one is trained now (deterministic, seconds)
+        # and, with --verifier, saved there for the next run.
+        verifier, verifier_report = verifier_for(data.name, data.image_size, cache=args.verifier)
+        report = run_eval(
+            model,
+            n=args.n,
+            steps=args.steps,
+            cfg=args.cfg,
+            seed=args.seed,
+            verifier=verifier,
+            verifier_report=verifier_report,
+            bpd_images=args.bpd_images,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise CLIError(str(error)) from None
+    report = {"checkpoint": str(args.checkpoint or DEFAULT_WEIGHTS), **report}
+    if out is None:
+        print(json.dumps(report, indent=2))
+        return
+    write_json(report, out)
+    print(summary(report))
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``trajflow-t2i``."""
     parser = argparse.ArgumentParser(
@@ -263,6 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, default=256, help="prompts checked per split")
     demo.add_argument("--tiny-steps", type=int, default=60, help="steps per stage of the tiny run")
     demo.set_defaults(run=_demo)
+
+    evaluate = commands.add_parser(
+        "eval", help="compositional accuracy, Fréchet distance and bits/dim as JSON"
+    )
+    evaluate.add_argument("--checkpoint", help="exported model folder (default: shipped)")
+    evaluate.add_argument("--out", help="output .json (default: print the JSON)")
+    evaluate.add_argument("--n", type=int, default=256, help="prompts per split")
+    evaluate.add_argument("--steps", type=int, default=4, help="sampling steps T (default 4)")
+    evaluate.add_argument("--cfg", type=float, default=3.0, help="guidance weight w >= 0")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument(
+        "--verifier", help="verifier folder: loaded if there, else trained and saved there"
+    )
+    evaluate.add_argument(
+        "--bpd-images", type=int, default=128, help="test images of bits/dim (0: skip)"
+    )
+    evaluate.set_defaults(run=_eval)
     return parser
 
 
