@@ -485,8 +485,9 @@ def add_mfu(records: list[dict[str, Any]], peak: float) -> None:
 
 def training_step(
     model: TextToImage, stage: StageConfig, batch: tuple[Tensor, ...]
-) -> tuple[Callable[[], None], Callable[[], None]]:
-    """One optimisation step as ``trajflow.train`` runs it, and its forward+backward alone.
+) -> tuple[Callable[[], None], Callable[[], int | None]]:
+    """One optimisation step as ``trajflow.train`` runs it, and its forward+backward alone
+    (which returns the NTM's drawn ``T``, None for flow matching).
 
     The loss draws from a generator seeded the same way at every call, so every step does
     the same work (the same ``T`` and times), which the FLOP count then describes exactly.
@@ -499,11 +500,12 @@ def training_step(
     device = batch[1].device
     precision = recipe_precision(model, device)
 
-    def forward_backward() -> None:
+    def forward_backward() -> int | None:
         generator = torch.Generator().manual_seed(0)
         with autocast(device, precision):
-            loss = model.loss(*batch, generator=generator).loss.float()
-        loss.backward()
+            result = model.loss(*batch, generator=generator)
+        result.loss.float().backward()
+        return getattr(result, "steps", None)  # the NTM's T drawn for the batch
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -515,6 +517,10 @@ def training_step(
             update_ema(ema, model, stage.ema_decay)
 
     return step, forward_backward
+
+
+def _keep_result(results: list, fn: Callable[[], object]) -> None:
+    results.append(fn())
 
 
 def training_records(suite: Suite, device: torch.device, settings: Settings) -> list[dict]:
@@ -534,7 +540,8 @@ def training_records(suite: Suite, device: torch.device, settings: Settings) -> 
             batch = (split.images.to(device), ids.to(device), mask.to(device))
             model.train()
             step, forward_backward = training_step(model, stage_config, batch)
-            flops = count_flops(forward_backward)
+            drawn: list[int | None] = []
+            flops = count_flops(functools.partial(_keep_result, drawn, forward_backward))
             model.zero_grad(set_to_none=True)
             seconds = timeit(
                 step, warmup=max(1, min(settings.warmup, 2)), repeats=settings.train_repeats
@@ -549,6 +556,7 @@ def training_records(suite: Suite, device: torch.device, settings: Settings) -> 
                     "batch": batch_size,
                     "preset_batch": stage_config.batch_size,
                     "parameters": model.parameter_count()["total"],
+                    "levels": drawn[0],
                     "flops_per_step": flops,
                     "seconds": seconds,
                     "images_per_s": batch_size / seconds,
@@ -629,7 +637,7 @@ TARFLOW_COLUMNS = ["precision", "tokens", "method", "block_size", "ms", "speedup
                    "max_abs_diff", "iterations"]
 SAMPLING_COLUMNS = ["preset", "sampler", "steps", "precision", "batch", "ms_per_image",
                     "images_per_s", "speedup_vs_fm"]
-TRAINING_COLUMNS = ["preset", "stage", "precision", "batch", "ms", "images_per_s",
+TRAINING_COLUMNS = ["preset", "stage", "levels", "precision", "batch", "ms", "images_per_s",
                     "gflops_per_step", "achieved_tflops", "mfu"]
 # fmt: on
 

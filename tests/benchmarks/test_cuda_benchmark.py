@@ -57,7 +57,7 @@ def test_quick_suite_writes_every_section_with_a_fingerprint(tmp_path):
     assert sampling["ntm"]["steps"] == 4 and sampling["fm_euler"]["steps"] == 50
     assert sampling["fm_euler"]["speedup_vs_fm"] == pytest.approx(1.0)
     training = [r for r in records if r["section"] == "training"]
-    assert {r["stage"] for r in training} == {"fm", "ntm"}
+    assert {r["stage"]: r["levels"] for r in training} == {"fm": None, "ntm": 4}  # tiny: T=4
     for record in training:
         assert record["flops_per_step"] > 0 and record["peak_flops_per_s"] > 0
         assert record["mfu"] == pytest.approx(
