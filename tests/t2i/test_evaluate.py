@@ -52,7 +52,7 @@ from trajflow_t2i.weights import export_model
 @pytest.fixture(scope="module")
 def trained():
     """A shapes verifier on a reduced budget (a few seconds): enough to read most scenes."""
-    return train_verifier("shapes", n_train=3000, steps=400, n_eval=200)
+    return train_verifier("shapes", n_train=3000, steps=400, n_eval=200, noise=0.1, blur=0.0)
 
 
 def test_verifier_reads_renders_and_held_out_combinations_alike(trained):
@@ -133,6 +133,8 @@ def test_training_is_deterministic_and_leaves_the_global_rng_alone():
         train_verifier("digits", steps=0)
     with pytest.raises(ValueError, match="dataset in"):
         train_verifier("cifar")
+    with pytest.raises(ValueError, match="blur <= 1"):
+        train_verifier("digits", blur=2.0)
 
 
 def test_save_load_round_trip_and_damaged_files(tmp_path):
