@@ -36,7 +36,6 @@ from typing import Any
 
 import safetensors.torch
 import torch
-import torch.distributed as dist
 
 from trajflow.config import ModelConfig
 from trajflow.data import sample_dataset
@@ -105,14 +104,9 @@ def run_jobs(jobs: list[dict[str, Any]], out: Path) -> None:
             "model_device": str(next(result.model.parameters()).device),
         }
         Path(f"{stem}.json").write_text(json.dumps(report))
-        if dist.is_initialized():  # the next job may resume from this one's checkpoints
-            dist.barrier()
 
 
 if __name__ == "__main__":
-    # One process group for all the jobs (train joins it rather than making its own).
-    dist.init_process_group("gloo")
-    try:
-        run_jobs(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))
-    finally:
-        dist.destroy_process_group()
+    # The first train call sets up the process group, the others reuse it (as the t2i
+    # recipe's two stages do), and each returns only once rank 0's checkpoints are written.
+    run_jobs(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import dataclasses
@@ -309,7 +310,6 @@ class _Processes:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    created_group: bool = False
 
     @property
     def distributed(self) -> bool:
@@ -331,8 +331,16 @@ def _setup_processes(device: str) -> tuple[_Processes, torch.device]:
         torch.cuda.set_device(target)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
-        processes.created_group = True
+        # Kept up for later calls in this process (the t2i recipe trains twice) and torn down
+        # at exit: an init_process_group after a destroy_process_group can deadlock in
+        # torchrun's store, one rank joining the new group while another waits forever.
+        atexit.register(_destroy_process_group)
     return processes, target
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _default_data(config: TrainConfig) -> DataFn:
@@ -497,7 +505,9 @@ def _load_full_optimizer(
         root,
         optimizer,
         _optimizer_by_name(state, names),
-        options=StateDictOptions(full_state_dict=True),
+        # Parameters that never had a gradient (FlowMatching never uses its predictor's
+        # (t_out, T) path) have no state, as in a single process's optimizer.
+        options=StateDictOptions(full_state_dict=True, strict=False),
     )
 
 
@@ -550,13 +560,12 @@ def train(
     elif not isinstance(config, TrainConfig):
         config = TrainConfig.model_validate(config)
     processes, device = _setup_processes(config.device)
-    try:
-        return _train(model, config, data_fn, model_config, resume, progress, processes, device)
-    finally:
-        if processes.created_group:
-            # Wait for rank 0's last checkpoint before tearing gloo/nccl down on every rank.
-            dist.barrier()
-            dist.destroy_process_group()
+    result = _train(model, config, data_fn, model_config, resume, progress, processes, device)
+    if processes.distributed:
+        # No rank returns before rank 0's last checkpoint is written. (Not after an error:
+        # the failing rank exits, so that torchrun stops the others.)
+        dist.barrier()
+    return result
 
 
 def _train(model, config, data_fn, model_config, resume, progress, processes, device):

@@ -165,7 +165,8 @@ def train_t2i(
         progress=progress,
     )
     model = _exported_weights(result.model, result.ema)
-    export_model(model, out / "final")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank holds the same model
+        export_model(model, out / "final")
     return model
 
 

@@ -24,7 +24,7 @@ from trajflow.train import TrainConfig, train
 from trajflow_t2i.data import dequantize
 from trajflow_t2i.model import TextToImage
 from trajflow_t2i.presets import preset
-from trajflow_t2i.training import caption_batches, stage_train_config
+from trajflow_t2i.training import caption_batches, stage_train_config, train_t2i
 
 WORKER = Path(__file__).parents[1] / "distributed_worker.py"
 spec = importlib.util.spec_from_file_location("distributed_worker", WORKER)
@@ -54,14 +54,20 @@ def runs(tmp_path_factory):
             job("fm", "t2i_fm", micro_batches=2),
             job("ntm", "t2i_ntm", micro_batches=2),
             job("ntm4", "t2i_ntm", micro_batches=4),
+            job("fm_long", "t2i_fm", micro_batches=2, iterations=4),
         ],
         one,
     )
+    checkpointed = {"fsdp": True, "iterations": 4, "checkpoint_every": 2}
     jobs = [
         job("fm_ddp", "t2i_fm"),
         job("fm_fsdp", "t2i_fm", fsdp=True),
         job("ntm_ddp", "t2i_ntm"),
         job("ntm_fsdp", "t2i_ntm", micro_batches=2, fsdp=True),
+        # The FM stage has parameters without gradients (hence without optimizer state).
+        job("fm_ckpt", "t2i_fm", **checkpointed, out_dir=str(two / "fm")),
+        job("fm_resume", "t2i_fm", **checkpointed, out_dir=str(two / "fm_resumed"))
+        | {"resume": str(two / "fm" / "step_00000002")},
     ]
     (two / "jobs.json").write_text(json.dumps(jobs))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -96,12 +102,21 @@ def comparable(key: str, tensor: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("single", "double"),
-    [("fm", "fm_ddp"), ("fm", "fm_fsdp"), ("ntm", "ntm_ddp"), ("ntm4", "ntm_fsdp")],
+    [
+        ("fm", "fm_ddp"),
+        ("fm", "fm_fsdp"),
+        ("ntm", "ntm_ddp"),
+        ("ntm4", "ntm_fsdp"),
+        ("fm_long", "fm_ckpt"),
+        ("fm_long", "fm_resume"),
+    ],
 )
 def test_two_processes_train_the_tiny_model_like_one(runs, single, double):
     one, two = runs
     tensors, report = load(one, single)
-    assert report["skipped_at"] == [] and len(report["losses"]) == 3
+    assert report["skipped_at"] == [] and len(report["losses"]) in (3, 4)
+    if double == "fm_resume":  # it ran steps 3 and 4 only
+        report = {key: report[key][2:] for key in ("losses", "history")}
     assert any(key.startswith("ema/") for key in tensors)
     for rank in (0, 1):
         other, other_report = load(two, double, rank)
@@ -137,6 +152,19 @@ def test_stage_train_config_passes_the_scaling_flags(tmp_path):
     config.train.bf16 = True
     assert stage_train_config(config, config.train.fm, tmp_path, "cpu").precision == "float32"
     assert stage_train_config(config, config.train.fm, tmp_path, "cuda").precision == "bf16"
+
+
+def test_only_rank_0_exports_the_trained_model(tmp_path, monkeypatch):
+    """Under torchrun every rank finishes train_t2i; two writers of final/ would collide."""
+    config = preset("tiny")
+    config.train.fm.iterations = config.train.ntm.iterations = 1
+    monkeypatch.setenv("RANK", "1")
+    train_t2i(config, tmp_path / "rank1", progress=False)
+    assert not (tmp_path / "rank1" / "final").exists()
+    assert (tmp_path / "rank1" / "ntm" / "step_00000001").is_dir()  # rank 1 trained
+    monkeypatch.setenv("RANK", "0")
+    train_t2i(config, tmp_path / "rank0", progress=False)
+    assert (tmp_path / "rank0" / "final" / "model.safetensors").is_file()
 
 
 def tiny_models() -> tuple[TextToImage, TextToImage]:
