@@ -388,7 +388,9 @@ def _grad_norm(parameters: list[nn.Parameter], clip: float | None) -> Tensor:
     else:
         grads = [p.grad for p in parameters if p.grad is not None]
         if any(isinstance(grad, DTensor) for grad in grads):
-            norm = nn.utils.get_total_norm(grads)
+            # Sharded gradients: torch's clipping knows how to reduce their norm over the
+            # processes; an infinite bound leaves the gradients as they are (scaled by 1).
+            norm = nn.utils.clip_grad_norm_(parameters, math.inf)
         else:
             norms = [torch.linalg.vector_norm(grad) for grad in grads]
             norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
