@@ -19,12 +19,14 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/activate
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
+# The text-to-image NTM shipped in the package: a sample grid, prompt-following and bits/dim
+# report, then a short training run of the tiny preset. The toy 2-D demo: `trajflow demo`.
 demo: $(VENV)/.installed
-	$(PY) -m trajflow demo --out out/demo
+	$(PY) -m trajflow_t2i demo --out out/demo
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check trajflow tests benchmarks docs
-	$(BIN)/ruff format --check trajflow tests benchmarks docs
+	$(BIN)/ruff check trajflow trajflow_t2i tests benchmarks docs
+	$(BIN)/ruff format --check trajflow trajflow_t2i tests benchmarks docs
 
 # pytest exits 5 when it collects no test; say so instead of failing obscurely.
 test: $(VENV)/.dev-installed lint

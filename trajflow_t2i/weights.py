@@ -85,6 +85,10 @@ def export_model(model, folder: str | os.PathLike, extra: dict[str, Any] | None 
             "extra": extra or {},
         }
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        # mkdtemp makes a private folder: give the export the usual permissions.
+        os.chmod(staging, 0o755)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            os.chmod(staging / name, 0o644)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
