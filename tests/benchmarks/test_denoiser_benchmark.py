@@ -19,7 +19,7 @@ def test_quick_denoiser_benchmark(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "denoiser.py"), "--out", str(out),
                "--preset", "tiny", "--denoiser-steps", "3", "--pairs", "16", "--holdout", "8",
                "--batch-size", "8", "--images", "4", "--eval-images", "6", "--repeats", "1",
-               "--warmup", "0", "--steps", "2", "--cfg", "1", "0",
+               "--warmup", "0", "--steps", "2", "--cfg", "1", "0", "--t0", "0.05",
                "--save-denoiser", str(tmp_path / "d")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -47,6 +47,7 @@ def test_quick_denoiser_benchmark(tmp_path):
         "holdout_identity_mse",
     }
     assert result["model"]["trained"] is False and result["fingerprint"]["devices"]
+    assert result["denoiser"]["trained_here"]["t0"] == result["settings"]["t0"] == 0.05
     assert [t["limit"] for t in result["targets"]] == [5.0, 5.0] and "|" in done.stdout
     assert "cfg 1" in result["targets"][0]["name"] and "cfg 0" in result["targets"][1]["name"]
     assert (tmp_path / "denoiser_samples.png").stat().st_size > 0
@@ -58,7 +59,7 @@ def test_quick_denoiser_benchmark(tmp_path):
     spec.loader.exec_module(bench)
     again = bench.main(["--out", str(tmp_path / "again.json"), "--denoiser", str(tmp_path / "d"),
                         "--images", "4", "--eval-images", "6", "--repeats", "1", "--warmup",
-                        "0", "--steps", "2", "--cfg", "1"])  # fmt: skip
+                        "0", "--steps", "2", "--cfg", "1", "--t0", "0.05"])  # fmt: skip
     assert again["denoiser"]["checkpoint"] == str(tmp_path / "d")
     # The same model, chains and denoiser weights: the same distance to the score output.
     first = result["distances"][0]["learned"]["rmse"]
@@ -67,6 +68,7 @@ def test_quick_denoiser_benchmark(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--out", str(tmp_path / "bad.json"), "--images", "0"])
     assert exit_info.value.code == 2 and not (tmp_path / "bad.json").exists()
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--out", str(tmp_path / "bad.json"), "--cfg", "-1"])
-    assert exit_info.value.code == 2 and not (tmp_path / "bad.json").exists()
+    for bad in (["--cfg", "-1"], ["--t0", "1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--out", str(tmp_path / "bad.json"), *bad])
+        assert exit_info.value.code == 2 and not (tmp_path / "bad.json").exists()
