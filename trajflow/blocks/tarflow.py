@@ -75,6 +75,21 @@ def _attention_mask(
     return (allowed[None] | real_keys[:, None, :])[:, None]
 
 
+def _resolution_floor(z: Tensor) -> float:
+    """The smallest Jacobi tolerance the arithmetic can resolve (0 outside autocast).
+
+    Under bf16 or float16 autocast the shifts and log-scales come from a network computing in
+    that precision, so from one iteration to the next they move by rounding noise of about its
+    machine epsilon times the values' size, and a finer tolerance is never met: every block
+    would run to ``max_iters``. The floor is a few epsilons of the latent's magnitude.
+    """
+    if not torch.is_autocast_enabled(z.device.type):
+        return 0.0
+    low = torch.get_autocast_dtype(z.device.type)
+    scale = max(1.0, float(z.detach().abs().amax())) if z.numel() else 1.0
+    return 4 * torch.finfo(low).eps * scale
+
+
 @BLOCKS.register("tarflow")
 class TarFlowBlock(Block):
     """Autoregressive affine flow over tokens ``(B, L, C)`` with a causal transformer (TarFlow).
@@ -392,6 +407,8 @@ class TarFlowBlock(Block):
             ctx: The context given to the forward.
             block_size: Tokens per block; ``jacobi_block`` if None.
             tol: Largest absolute change that counts as converged; ``jacobi_tol`` if None.
+                Under bf16/float16 autocast it is raised to what that precision resolves
+                (a few epsilons of ``|z|``), which a finer tolerance could never reach.
             max_iters: Iteration limit per block; ``jacobi_max_iters`` if None.
             return_iterations: Also return the number of iterations run in each block.
 
@@ -407,6 +424,7 @@ class TarFlowBlock(Block):
                 f"{block_size}, {max_iters} and {tol}"
             )
         self._check(z)
+        tol = max(tol, _resolution_floor(z))
         prefix, real, bias = self._condition(z, ctx)
         cache = self._start_cache(prefix, real, z, bias.dtype)
         m = 0 if prefix is None else prefix.shape[1]
