@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from trajflow.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from trajflow.checks import check_count, check_data, check_finite, check_number
 from trajflow.nn import TransformerLayer
-from trajflow.ntm import NTM, guided_gaussian
+from trajflow.ntm import NTM
 from trajflow.registry import Registry, Spec
 from trajflow.schedules import sample_trajectory, trajectory_covariance
 
@@ -236,52 +236,8 @@ def sample_u_trajectory(
     """
     owner = "sample_u_trajectory"
     _check_model(owner, model)
-    n = check_count(owner, "n", n)
-    steps = check_count(owner, "steps", steps)
-    cfg = check_number(owner, "the guidance weight cfg", cfg, low=0.0)
-    temperature = check_number(owner, "temperature", temperature, low=0.0)
-    if cfg and not model.predictor.cond_features:
-        raise ValueError("classifier-free guidance needs a predictor with cond_features > 0")
     _check_condition(owner, y)
-    device, dtype = _device_dtype(model)
-    t_min = model.schedule.t_min_eval if t_min is None else t_min
-    t_min = check_number(owner, "t_min", t_min, low=0.0, high=1.0, open_low=True, open_high=True)
-    times = model.grid(steps, torch.full((n,), t_min, dtype=torch.float64)).to(device)
-
-    def noise() -> Tensor:
-        return torch.randn((n, *model.event_shape), generator=generator, dtype=dtype).to(device)
-
-    u = temperature * noise()
-    history = [u]
-    causal = getattr(model.predictor, "level_attention", "markov") == "causal"
-    for k in range(steps - 1, -1, -1):
-        inputs = torch.stack(history[::-1], dim=1) if causal else u[:, None]
-        t_in = times[:, k + 1 : steps + 1] if causal else times[:, k + 1 : k + 2]
-        t_out = times[:, k:steps] if causal else times[:, k : k + 1]
-        mean, log_std = _guided_step(model, inputs, t_in, t_out, steps, y, y_mask, cfg)
-        u = mean + temperature * torch.exp(log_std) * noise()
-        history.append(u)
-    return torch.stack(history[::-1], dim=1), times
-
-
-def _guided_step(model, inputs, t_in, t_out, steps, y, y_mask, cfg) -> tuple[Tensor, Tensor]:
-    """Mean and log-std of the first output level, guided when ``cfg != 0``."""
-    if not cfg:
-        mean, log_std = model.gaussian(inputs, t_in, t_out, steps, y, y_mask)
-        return mean[:, 0], log_std[:, 0]
-    batch = inputs.shape[0]
-    drop = torch.arange(2 * batch, device=inputs.device) >= batch  # [conditional, null]
-
-    def twice(value: Tensor | None) -> Tensor | None:
-        return None if value is None else torch.cat([value, value])
-
-    mean, log_std = model.gaussian(
-        twice(inputs), twice(t_in), twice(t_out), steps, twice(y), twice(y_mask), drop
-    )
-    mean_c, mean_u = mean[:, 0].chunk(2)
-    std_c, std_u = torch.exp(log_std[:, 0]).chunk(2)
-    mean, std = guided_gaussian(mean_c, std_c, mean_u, std_u, cfg)
-    return mean, torch.log(std)
+    return model.sample_chain(n, steps, cfg, y, y_mask, temperature, generator, t_min, owner=owner)
 
 
 def sample_denoised(

@@ -496,7 +496,34 @@ class NTM(nn.Module):
                 ``temperature`` not a finite number ``>= 0``, ``t_min`` outside ``(0, 1)``,
                 guidance without a conditional predictor, or a non-finite ``y``.
         """
-        owner = "NTM.sample"
+        u, times = self.sample_chain(
+            n, steps, cfg, y, y_mask, temperature, generator, t_min, owner="NTM.sample"
+        )
+        x = self.untransport(u[:, 0], times[:, 0], steps)
+        return (x, u) if return_trajectory else x
+
+    @torch.no_grad()
+    def sample_chain(
+        self,
+        n: int,
+        steps: int = 4,
+        cfg: float = 0.0,
+        y: Tensor | None = None,
+        y_mask: Tensor | None = None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        t_min: float | None = None,
+        owner: str = "NTM.sample_chain",
+    ) -> tuple[Tensor, Tensor]:
+        """The Gaussian chain of :meth:`sample` in u-space, without the final inverse.
+
+        The denoisers of :mod:`trajflow.denoise` start from it: the score path inverts every
+        level in one batched call, the learned denoiser none. Arguments as for :meth:`sample`.
+
+        Returns:
+            The u-trajectory ``(n, T + 1, *event)`` (clean-most first) and its times
+            ``(n, T + 1)``.
+        """
         n = check_count(owner, "n", n)
         steps = check_count(owner, "steps", steps)
         cfg = check_number(owner, "the guidance weight cfg", cfg, low=0.0)
@@ -523,10 +550,7 @@ class NTM(nn.Module):
             mean, log_std = self._guided_step(inputs, t_in, t_out, steps, y, y_mask, cfg)
             u = mean + temperature * torch.exp(log_std) * noise()
             history.append(u)
-        x = self.untransport(u, times[:, 0], steps)
-        if return_trajectory:
-            return x, torch.stack(history[::-1], dim=1)
-        return x
+        return torch.stack(history[::-1], dim=1), times
 
     def _guided_step(self, inputs, t_in, t_out, steps, y, y_mask, cfg) -> tuple[Tensor, Tensor]:
         """The first level's Gaussian, with guidance when ``cfg != 0``."""
