@@ -22,8 +22,8 @@ with checksums + ``weights.safetensors``, no pickle) readable by
 :func:`trajflow.denoise.load_denoiser`; it also records the training settings, the held-out
 metrics and a fingerprint of the model it was trained against, which
 :func:`load_t2i_denoiser` checks. An exported model folder may hold it as ``denoiser/``
-(:data:`DENOISER_DIR`): :meth:`Pipeline.from_pretrained <trajflow_t2i.pipeline.Pipeline>`
-loads it from there.
+(:data:`DENOISER_DIR`): :meth:`~trajflow_t2i.pipeline.Pipeline.from_pretrained` loads it
+from there.
 
 Example:
     >>> import tempfile, torch
