@@ -10,7 +10,7 @@ Example:
     (torch.Size([2, 3, 3, 16, 16]), torch.uint8)
     >>> grid = image_grid(images)
     >>> grid.shape  # (rows·(side + gap) + gap, cols·(side + gap) + gap, channels), scaled
-    (144, 212, 3)
+    (140, 208, 3)
 """
 
 from __future__ import annotations
@@ -153,6 +153,7 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"the folder of {path} does not exist")
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(handle)
+    os.chmod(temporary, 0o644)  # mkstemp makes the file private; an image is for everyone
     try:
         Image.fromarray(array).save(temporary, format="PNG")
         os.replace(temporary, path)

@@ -26,3 +26,14 @@ def test_the_shipped_model_follows_prompts_far_above_chance():
     assert model["colour"] >= 0.75 and model["colour"] >= chance["colour"] + 0.4, (model, chance)
     assert model["count"] >= chance["count"] + 0.08, (model, chance)
     assert model["ok"] >= chance["ok"] + 0.08, (model, chance)
+
+
+def test_the_shipped_learned_denoiser_loads_and_stays_close_to_the_score_path():
+    torch.set_num_threads(1)
+    pipe = Pipeline.from_pretrained()
+    assert pipe.denoiser is not None
+    prompts = ["a red circle left of a blue square", "two green triangles"]
+    learned = pipe(prompts, n=4, steps=4, cfg=3.0, seed=1, denoiser="learned")
+    score = pipe(prompts, n=4, steps=4, cfg=3.0, seed=1, denoiser="score")
+    # Same chains, two denoisers: within a few 8-bit levels on average.
+    assert (learned.float() - score.float()).abs().mean() < 4.0
