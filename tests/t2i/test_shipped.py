@@ -1,4 +1,4 @@
-"""The checkpoint shipped inside the package loads offline, samples in seconds and follows prompts."""
+"""The checkpoint shipped in the package loads offline, samples in seconds, follows prompts."""
 
 from __future__ import annotations
 
