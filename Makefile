@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: demo test test-numerics lint docs bench bench-toy clean
+.PHONY: demo test test-numerics lint docs bench bench-toy mutants clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ NUMERICS_TESTS := tests/blocks tests/test_ntm.py tests/test_schedules.py tests/t
 	tests/test_flow_matching.py tests/test_core.py tests/test_metrics.py
 test-numerics: $(VENV)/.dev-installed
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(NUMERICS_TESTS)
+
+# Deliberate bugs in the numerics, one at a time, against the tests (outside CI, minutes);
+# review every survivor. See benchmarks/mutants.py.
+mutants: $(VENV)/.dev-installed
+	$(PY) benchmarks/mutants.py
 
 docs: $(VENV)/.dev-installed
 	$(BIN)/mkdocs serve
