@@ -18,7 +18,12 @@ SCRIPT = ROOT / "benchmarks" / "cuda_suite.py"
 
 @pytest.fixture(scope="module")
 def suite():
-    """benchmarks/cuda_suite.py as a module; sys.path and sys.modules restored afterwards."""
+    """benchmarks/cuda_suite.py as a module; sys.path and sys.modules restored afterwards.
+
+    Only the modules loaded from ``benchmarks/`` are forgotten (``cuda_suite``, ``_common``,
+    ``blocks``): dropping library modules imported meanwhile (numpy, torch._dynamo) would make
+    later imports run them twice, which C extensions and torch's op registry refuse.
+    """
     path, modules = list(sys.path), set(sys.modules)
     spec = importlib.util.spec_from_file_location("cuda_suite", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -29,7 +34,9 @@ def suite():
     finally:
         sys.path[:] = path
         for name in set(sys.modules) - modules:
-            del sys.modules[name]
+            origin = getattr(sys.modules[name], "__file__", None) or ""
+            if name == "cuda_suite" or Path(origin).parent == SCRIPT.parent:
+                del sys.modules[name]
 
 
 def test_quick_suite_writes_every_section_with_a_fingerprint(tmp_path):
