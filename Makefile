@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: demo test test-numerics lint docs bench bench-toy mutants clean
+.PHONY: demo test test-numerics lint docs bench bench-toy bench-t2i mutants clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ NUMERICS_TESTS := tests/blocks tests/test_ntm.py tests/test_schedules.py tests/t
 	tests/test_flow_matching.py tests/test_core.py tests/test_metrics.py
 test-numerics: $(VENV)/.dev-installed
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(NUMERICS_TESTS)
+
+# Text to image on one CPU budget: NTM (T = 1..8) vs flow matching vs TarFlow (about 30 min),
+# the learned denoiser vs the score path on the shipped model, and the GPU suite's CPU fallback.
+bench-t2i: $(VENV)/.dev-installed
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/t2i.py --out benchmarks/results/t2i_cpu.json
+	$(PY) benchmarks/denoiser.py --checkpoint trajflow_t2i/weights --denoiser trajflow_t2i/weights/denoiser --out benchmarks/results/denoiser_cpu.json
+	$(PY) benchmarks/cuda_suite.py --device auto --out benchmarks/results/cuda_suite_cpu.json
 
 # Deliberate bugs in the numerics, one at a time, against the tests (outside CI, minutes);
 # review every survivor. See benchmarks/mutants.py.
