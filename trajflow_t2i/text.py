@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
     return prompts
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(nn.Module, ABC):
     """Base class: a tokenizer plus a network from token ids to features.
 
     Subclasses set :attr:`features` (``F``) and :attr:`max_tokens` (``M``), implement
@@ -73,17 +74,17 @@ class TextEncoder(nn.Module):
     max_tokens: int
     kwargs: dict[str, Any]
 
+    @abstractmethod
     def tokenize(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Token ids ``(B, M)`` (long) and mask ``(B, M)`` (bool, True on real tokens).
 
         Raises:
             ValueError: For an empty or over-long prompt or one the tokenizer cannot represent.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def forward(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens ``(B, M', F)`` and their mask ``(B, M')`` (``M' = M`` unless pooled)."""
-        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:
