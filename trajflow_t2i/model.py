@@ -260,7 +260,7 @@ class TextToImage(nn.Module):
         """Whether every transporter block is conditioned on the level's time."""
         if self.stage != "ntm":
             return False
-        return all(getattr(block, "time_features", 0) > 0 for block in self.generator.transporter)
+        return all(block.uses_time for block in self.generator.transporter)
 
     # ----------------------------------------------------------------- data <-> tokens
     def to_tokens(self, images: Tensor) -> Tensor:
