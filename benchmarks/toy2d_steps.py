@@ -1,0 +1,197 @@
+"""Why more steps hurt: where the error of a T-step NTM sample comes from.
+
+Trains the from-scratch NTM and the Gaussian chain of ``benchmarks/toy2d.py`` (same configs,
+budget and seed) on one dataset, then takes the few-step samplers apart:
+
+* **error by starting level**: run the model's chain from the *true* forward level ``j``
+  (``x_{t_j}`` of held-out data, transported to u-space) down to ``t_0``. ``j = T`` is the
+  ordinary sampler, ``j = 1`` only the last step; the difference between successive starts
+  is what one step adds. Reported as sliced Wasserstein to held-out data and as the sample
+  mean, whose drift from step to step is the error that accumulates;
+* **per-level likelihood**: the trajectory NLL of each factor ``k`` (nats/dim, on the
+  evaluation grid), NTM against the chain: what the transporter earns at each level;
+* **local vs global metrics** at ``T = 2, 4, 8``: sliced Wasserstein and energy distance
+  (dominated by global moments) beside KDE cross-entropies (local structure; see
+  :func:`trajflow.metrics.kde_cross_entropy`).
+
+Usage:
+    python benchmarks/toy2d_steps.py --dataset spirals \
+        --out benchmarks/results/toy2d_steps_spirals.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import fingerprint, markdown_table, write_json
+from toy2d import EVAL_POINTS, ITERATIONS, T0, fit, ntm_config
+
+from trajflow import DATASETS, NTM, sample_dataset
+from trajflow.metrics import energy_distance, kde_cross_entropy, sliced_wasserstein
+from trajflow.ntm import gaussian_log_prob
+from trajflow.schedules import sample_trajectory
+
+#: Step counts taken apart, and those compared on every metric.
+DECOMPOSED_STEPS, COMPARED_STEPS = [4, 8], [2, 4, 8]
+#: Kernel width of the KDE metrics (the toy data sets span about [-3, 3]).
+BANDWIDTH = 0.08
+
+
+def grid(model: NTM, n: int, steps: int) -> Tensor:
+    """The evaluation grid ``(n, T + 1)`` with ``t_0 = T0``."""
+    return model.grid(steps, torch.full((n,), T0, dtype=torch.float64))
+
+
+@torch.no_grad()
+def start_from_level(
+    model: NTM, x0: Tensor, steps: int, level: int, generator: torch.Generator
+) -> Tensor:
+    """Samples ``x_{t_0}`` by running ``model``'s chain from the true level ``level``.
+
+    ``level = steps`` starts from ``x_1 ~ N(0, I)`` (the ordinary sampler); ``level = j < T``
+    from ``u_j = f(x_{t_j})`` of a forward trajectory of ``x0``.
+    """
+    times = grid(model, x0.shape[0], steps)
+    trajectory = sample_trajectory(x0, times, generator)
+    if level == steps:
+        u = trajectory[:, steps]
+    else:
+        u = model.transport(trajectory[:, level : level + 1], times[:, level : level + 1], steps)
+        u = u[0][:, 0]
+    for k in range(level - 1, -1, -1):
+        mean, log_std = model.gaussian(
+            u[:, None], times[:, k + 1 : k + 2], times[:, k : k + 1], steps
+        )
+        u = mean[:, 0] + torch.exp(log_std[:, 0]) * torch.randn(u.shape, generator=generator)
+    return model.untransport(u, times[:, 0], steps)
+
+
+@torch.no_grad()
+def level_nll(model: NTM, x0: Tensor, steps: int, generator: torch.Generator) -> list[float]:
+    """Mean NLL of each factor ``k = 0 … T-1`` of the trajectory likelihood, nats/dim."""
+    times = grid(model, x0.shape[0], steps)
+    trajectory = sample_trajectory(x0, times, generator)
+    u, logdet = model.transport(trajectory[:, :steps], times[:, :steps], steps)
+    u_in = torch.cat([u[:, 1:], trajectory[:, steps:]], dim=1)
+    mean, log_std = model.gaussian(u_in, times[:, 1:], times[:, :-1], steps)
+    log_prob = gaussian_log_prob(u, mean, log_std, event_dims=1) + logdet
+    return (-log_prob.mean(0) / model.dimension).tolist()
+
+
+def sample_metrics(samples: Tensor, test: Tensor) -> dict[str, float]:
+    """Global (SW, energy distance) and local (KDE precision and recall) metrics."""
+    seeded = torch.Generator().manual_seed(7)
+    return {
+        "sliced_wasserstein": sliced_wasserstein(samples, test, generator=seeded),
+        "energy_distance": energy_distance(
+            samples, test, generator=torch.Generator().manual_seed(7)
+        ),
+        "kde_precision_nats": kde_cross_entropy(samples, test, BANDWIDTH),
+        "kde_recall_nats": kde_cross_entropy(test, samples, BANDWIDTH),
+    }
+
+
+def run(
+    dataset: str, seed: int = 0, iters: int | None = None, *, eval_points: int | None = None
+) -> dict[str, Any]:
+    """Trains the NTM and the Gaussian chain on ``dataset`` and takes their samplers apart."""
+    DATASETS.get(dataset)
+    iters = ITERATIONS if iters is None else iters
+    points = EVAL_POINTS if eval_points is None else eval_points
+    torch.manual_seed(seed)
+    models = {
+        "ntm": fit(ntm_config().build(), dataset, iters, seed)[1],
+        "gaussian_chain": fit(ntm_config(transporter=False).build(), dataset, iters, seed)[1],
+    }
+    test = sample_dataset(dataset, points, seed=10_000 + seed)
+    x0 = sample_dataset(dataset, points, seed=20_000 + seed)
+    records: dict[str, Any] = {"by_start_level": [], "level_nll": [], "metrics": []}
+    for name, model in models.items():
+        for steps in DECOMPOSED_STEPS:
+            for level in range(steps, 0, -1):
+                generator = torch.Generator().manual_seed(seed + 5)
+                samples = start_from_level(model, x0, steps, level, generator)
+                records["by_start_level"].append({
+                    "method": name, "steps": steps, "start_level": level,
+                    "sliced_wasserstein": sliced_wasserstein(
+                        samples, test, generator=torch.Generator().manual_seed(7)),
+                    "mean": samples.mean(0).tolist(),
+                })  # fmt: skip
+            nll = level_nll(model, x0, steps, torch.Generator().manual_seed(seed + 3))
+            records["level_nll"].append({"method": name, "steps": steps, "nll_per_dim": nll})
+        for steps in COMPARED_STEPS:
+            samples = model.sample(
+                points, steps=steps, generator=torch.Generator().manual_seed(seed + 1)
+            )
+            records["metrics"].append(
+                {"method": name, "steps": steps, **sample_metrics(samples, test)}
+            )
+    floor = sample_metrics(x0, test)
+    return {
+        "benchmark": "toy2d_steps", "dataset": dataset, "seed": seed, "iterations": iters,
+        "eval_points": points, "t0": T0, "kde_bandwidth": BANDWIDTH,
+        "data_mean": x0.mean(0).tolist(), "data_vs_data": floor, "fingerprint": fingerprint(),
+        **records,
+    }  # fmt: skip
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    return markdown_table([dict(zip(header, row, strict=True)) for row in rows], header)
+
+
+def tables(result: dict[str, Any]) -> str:
+    """Markdown: error by starting level, per-level NLL, and the metric comparison."""
+    lines = []
+    for steps in DECOMPOSED_STEPS:
+        rows = []
+        for name in ("ntm", "gaussian_chain"):
+            picked = [
+                r for r in result["by_start_level"] if r["method"] == name and r["steps"] == steps
+            ]
+            rows.append([f"{name} SW"] + [f"{r['sliced_wasserstein']:.4f}" for r in picked])
+            rows.append([f"{name} mean"] + [
+                "(" + ", ".join(f"{v:+.3f}" for v in r["mean"]) + ")" for r in picked])  # fmt: skip
+        header = [f"T={steps}, start at j ="] + [str(j) for j in range(steps, 0, -1)]
+        lines += [_table(header, rows), ""]
+    rows = []
+    for record in result["level_nll"]:
+        rows.append(
+            [record["method"], str(record["steps"])] + [f"{v:.3f}" for v in record["nll_per_dim"]]
+        )
+    width = max(len(r) for r in rows)
+    rows = [r + [""] * (width - len(r)) for r in rows]
+    lines += [_table(["method", "T"] + [f"k={k}" for k in range(width - 2)], rows), ""]
+    keys = ("sliced_wasserstein", "energy_distance", "kde_precision_nats", "kde_recall_nats")
+    rows = [
+        [r["method"], str(r["steps"])] + [f"{r[k]:.4g}" for k in keys] for r in result["metrics"]
+    ]
+    rows.append(["data vs data", "–"] + [f"{result['data_vs_data'][k]:.4g}" for k in keys])
+    lines.append(_table(["method", "T", "SW", "energy", "KDE precision", "KDE recall"], rows))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="spirals", help=f"one of {DATASETS.names()}")
+    parser.add_argument("--out", help="JSON file to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iters", type=int, default=None, help=f"default {ITERATIONS}")
+    parser.add_argument("--eval-points", type=int, default=None, help=f"default {EVAL_POINTS}")
+    args = parser.parse_args(argv)
+    result = run(args.dataset, args.seed, args.iters, eval_points=args.eval_points)
+    print(tables(result))
+    if args.out:
+        write_json(Path(args.out), result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
