@@ -21,6 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from toy_configs import tiny_ntm
 
 from trajflow.checkpoint import (
     CONFIG_FILE,
@@ -31,26 +32,10 @@ from trajflow.checkpoint import (
     prune_checkpoints,
     read_checkpoint_config,
 )
-from trajflow.config import ModelConfig
 from trajflow.train import TrainConfig, train
 
 # Subprocesses run on one thread: the same kernels in every run, so results can be bitwise equal.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def tiny_ntm() -> ModelConfig:
-    coupling = {"features": 2, "time_features": 8, "hidden_features": [8]}
-    return ModelConfig(
-        predictor={
-            "name": "mlp",
-            "kwargs": {"features": 2, "hidden_features": [16], "time_features": 8},
-        },
-        transporter=[
-            {"name": "affine_coupling", "kwargs": {**coupling, "parity": layer == 1}}
-            for layer in range(2)
-        ],
-        schedule={"steps": [2, 3]},
-    )
 
 
 def fast(**overrides) -> TrainConfig:

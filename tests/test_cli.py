@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from toy_configs import tiny_ntm
 
 from trajflow.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 from trajflow.cli import SAMPLE_FORMATS, main
@@ -27,21 +28,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FUZZ = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-def tiny_ntm() -> ModelConfig:
-    coupling = {"features": 2, "time_features": 8, "hidden_features": [8]}
-    return ModelConfig(
-        predictor={
-            "name": "mlp",
-            "kwargs": {"features": 2, "hidden_features": [16], "time_features": 8},
-        },
-        transporter=[
-            {"name": "affine_coupling", "kwargs": {**coupling, "parity": layer == 1}}
-            for layer in range(2)
-        ],
-        schedule={"steps": [2, 3]},
-    )
 
 
 def tiny_fm() -> ModelConfig:

@@ -18,6 +18,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from toy_configs import tiny_ntm
 from tqdm.std import tqdm
 
 from trajflow import progress
@@ -32,22 +33,6 @@ from trajflow.config import ModelConfig
 from trajflow.data import sample_dataset
 from trajflow.progress import LineProgress, progress_bar
 from trajflow.train import TrainConfig, WarmupCosine, train
-
-
-def tiny_ntm(mode: str = "end_to_end") -> ModelConfig:
-    coupling = {"features": 2, "time_features": 8, "hidden_features": [8]}
-    return ModelConfig(
-        predictor={
-            "name": "mlp",
-            "kwargs": {"features": 2, "hidden_features": [16], "time_features": 8},
-        },
-        transporter=[
-            {"name": "affine_coupling", "kwargs": {**coupling, "parity": layer == 1}}
-            for layer in range(2)
-        ],
-        schedule={"steps": [2, 3]},
-        mode=mode,
-    )
 
 
 def tiny_fm() -> ModelConfig:
