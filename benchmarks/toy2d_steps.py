@@ -31,7 +31,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fingerprint, markdown_table, write_json
+from _common import fingerprint, markdown_table, pyplot, write_json
 from toy2d import EVAL_POINTS, ITERATIONS, T0, fit, ntm_config
 
 from trajflow import DATASETS, NTM, sample_dataset
@@ -100,9 +100,19 @@ def sample_metrics(samples: Tensor, test: Tensor) -> dict[str, float]:
 
 
 def run(
-    dataset: str, seed: int = 0, iters: int | None = None, *, eval_points: int | None = None
+    dataset: str,
+    seed: int = 0,
+    iters: int | None = None,
+    *,
+    eval_points: int | None = None,
+    panels: dict[str, Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Trains the NTM and the Gaussian chain on ``dataset`` and takes their samplers apart."""
+    """Trains the NTM and the Gaussian chain on ``dataset`` and takes their samplers apart.
+
+    Returns the JSON payload; fills ``panels`` (if given) with the held-out data and every
+    sampler's points, for a scatter figure.
+    """
+    panels = {} if panels is None else panels
     DATASETS.get(dataset)
     iters = ITERATIONS if iters is None else iters
     points = EVAL_POINTS if eval_points is None else eval_points
@@ -112,6 +122,7 @@ def run(
         "gaussian_chain": fit(ntm_config(transporter=False).build(), dataset, iters, seed)[1],
     }
     test = sample_dataset(dataset, points, seed=10_000 + seed)
+    panels["data"] = test
     x0 = sample_dataset(dataset, points, seed=20_000 + seed)
     records: dict[str, Any] = {"by_start_level": [], "level_nll": [], "metrics": []}
     for name, model in models.items():
@@ -131,6 +142,7 @@ def run(
             samples = model.sample(
                 points, steps=steps, generator=torch.Generator().manual_seed(seed + 1)
             )
+            panels[f"{name} T={steps}"] = samples
             records["metrics"].append(
                 {"method": name, "steps": steps, **sample_metrics(samples, test)}
             )
@@ -181,15 +193,23 @@ def tables(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="spirals", help=f"one of {DATASETS.names()}")
-    parser.add_argument("--out", help="JSON file to write")
+    parser.add_argument("--out", help="JSON file to write (PNG beside it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iters", type=int, default=None, help=f"default {ITERATIONS}")
     parser.add_argument("--eval-points", type=int, default=None, help=f"default {EVAL_POINTS}")
     args = parser.parse_args(argv)
-    result = run(args.dataset, args.seed, args.iters, eval_points=args.eval_points)
+    panels: dict[str, Tensor] = {}
+    result = run(args.dataset, args.seed, args.iters, eval_points=args.eval_points, panels=panels)
     print(tables(result))
     if args.out:
         write_json(Path(args.out), result)
+        if pyplot() is not None:
+            from trajflow.plotting import scatter_grid
+
+            title = f"{args.dataset}: NTM and Gaussian chain at T = 2, 4, 8"
+            scatter_grid(
+                panels, Path(args.out).with_suffix(".png"), columns=4, limit=3.5, title=title
+            )
     return result
 
 

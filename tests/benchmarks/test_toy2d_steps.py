@@ -75,7 +75,8 @@ def test_starting_from_a_true_level_uses_the_data(steps_script):
 def test_run_reports_every_piece(steps_script, monkeypatch):
     toy2d = sys.modules["toy2d"]
     monkeypatch.setattr(toy2d, "BATCH", 64)
-    result = steps_script.run("two_moons", iters=2, eval_points=200)
+    panels = {}
+    result = steps_script.run("two_moons", iters=2, eval_points=200, panels=panels)
     starts = {(r["method"], r["steps"], r["start_level"]) for r in result["by_start_level"]}
     assert len(starts) == 2 * (4 + 8)
     assert {(r["method"], r["steps"]) for r in result["metrics"]} == {
@@ -83,3 +84,6 @@ def test_run_reports_every_piece(steps_script, monkeypatch):
     }
     assert all(len(r["nll_per_dim"]) == r["steps"] for r in result["level_nll"])
     assert "KDE precision" in steps_script.tables(result)
+    assert set(panels) == {"data"} | {
+        f"{m} T={t}" for m in ("ntm", "gaussian_chain") for t in (2, 4, 8)
+    }
