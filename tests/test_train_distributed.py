@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from toy_configs import tiny_ntm
 
 from trajflow.checkpoint import load_checkpoint, read_checkpoint_config
-from trajflow.config import ModelConfig, toy_flow_matching_config
+from trajflow.config import toy_flow_matching_config
 from trajflow.train import TrainConfig, train
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
@@ -31,19 +32,7 @@ spec = importlib.util.spec_from_file_location("distributed_worker", WORKER)
 worker = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(worker)
 
-COUPLING = {"features": 2, "time_features": 8, "hidden_features": [8]}
-NTM_CONFIG = ModelConfig(
-    predictor={
-        "name": "mlp",
-        "kwargs": {"features": 2, "hidden_features": [16], "time_features": 8},
-    },
-    transporter=[
-        {"name": "affine_coupling", "kwargs": {**COUPLING, "parity": layer == 1}}
-        for layer in range(2)
-    ],
-    schedule={"steps": [2, 3]},
-    mode="pairwise",
-).model_dump(mode="json")
+NTM_CONFIG = tiny_ntm(mode="pairwise").model_dump(mode="json")
 SETTINGS = {
     "iterations": 3,
     "batch_size": 16,
