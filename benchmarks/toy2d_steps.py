@@ -36,7 +36,6 @@ from toy2d import EVAL_POINTS, ITERATIONS, T0, fit, ntm_config
 
 from trajflow import DATASETS, NTM, sample_dataset
 from trajflow.metrics import energy_distance, kde_cross_entropy, sliced_wasserstein
-from trajflow.ntm import gaussian_log_prob
 from trajflow.schedules import sample_trajectory
 
 #: Step counts taken apart, and those compared on every metric.
@@ -78,12 +77,8 @@ def start_from_level(
 def level_nll(model: NTM, x0: Tensor, steps: int, generator: torch.Generator) -> list[float]:
     """Mean NLL of each factor ``k = 0 … T-1`` of the trajectory likelihood, nats/dim."""
     times = grid(model, x0.shape[0], steps)
-    trajectory = sample_trajectory(x0, times, generator)
-    u, logdet = model.transport(trajectory[:, :steps], times[:, :steps], steps)
-    u_in = torch.cat([u[:, 1:], trajectory[:, steps:]], dim=1)
-    mean, log_std = model.gaussian(u_in, times[:, 1:], times[:, :-1], steps)
-    log_prob = gaussian_log_prob(u, mean, log_std, event_dims=1) + logdet
-    return (-log_prob.mean(0) / model.dimension).tolist()
+    factors = model.factor_log_probs(sample_trajectory(x0, times, generator), times)
+    return (-factors[:, :steps].mean(0) / model.dimension).tolist()
 
 
 def sample_metrics(samples: Tensor, test: Tensor) -> dict[str, float]:

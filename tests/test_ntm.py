@@ -158,6 +158,10 @@ def test_time_conditioned_transporter_log_prob_by_hand():
     top, terms = per_level_log_probs(model, trajectory, times, transporter)
     log_prob = model.trajectory_log_prob(trajectory, times)
     torch.testing.assert_close(log_prob, top + terms.sum(1), rtol=1e-12, atol=1e-10)
+    # Each factor on its own, the steps clean-most first and the top level last.
+    factors = model.factor_log_probs(trajectory, times)
+    torch.testing.assert_close(factors[:, :-1], terms, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(factors[:, -1], top, rtol=1e-12, atol=1e-10)
     # The transporter is not the identity and reads t and T.
     ctx = Context(t=times[:, 0], steps=torch.full((4,), 4))
     u, logdet = transporter(trajectory[:, 0], ctx)

@@ -289,6 +289,32 @@ class NTM(nn.Module):
             times: Their times ``(B, T + 1)``, increasing, ending at 1.
             y, y_mask, drop: Condition, its token mask and per-sample prompt dropout.
         """
+        factors = self.factor_log_probs(trajectory, times, y, y_mask, drop)
+        return factors[:, -1] + factors[:, :-1].sum(dim=1)
+
+    def factor_log_probs(
+        self,
+        trajectory: Tensor,
+        times: Tensor,
+        y: Tensor | None = None,
+        y_mask: Tensor | None = None,
+        drop: Tensor | None = None,
+    ) -> Tensor:
+        """The factors of :meth:`trajectory_log_prob`, one column each ``(B, T + 1)``.
+
+        Column ``k < T`` is ``log N(u_k; μ_k, σ_k²) + log|det ∂f/∂x (x_{t_k})|``, the step into
+        level ``k`` (``k = 0`` the clean-most); column ``T`` is ``log N(x_1; 0, I)``. They sum
+        to the trajectory log-likelihood; each says what the model earns at one level.
+
+        Example:
+            >>> import torch
+            >>> from trajflow.config import toy_ntm_config
+            >>> model = toy_ntm_config(predictor_hidden=[8], transporter_layers=1).build()
+            >>> times = model.grid(4, torch.full((2,), 1e-3, dtype=torch.float64))
+            >>> trajectory = torch.randn(2, 5, 2)
+            >>> model.factor_log_probs(trajectory, times).shape
+            torch.Size([2, 5])
+        """
         self._check_levels(trajectory, times)
         steps = times.shape[1] - 1
         event_dims = len(self.event_shape)
@@ -302,7 +328,7 @@ class NTM(nn.Module):
             torch.zeros_like(trajectory[:, -1]),
             event_dims,
         )
-        return top + steps_log_prob.sum(dim=1)
+        return torch.cat([steps_log_prob, top[:, None]], dim=1)
 
     def _pairwise_log_prob(
         self, trajectory, times, y, y_mask, drop, generator, with_aux: bool = False
