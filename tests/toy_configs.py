@@ -1,4 +1,4 @@
-"""Small model configs shared by the training, checkpoint and CLI tests."""
+"""Small model configs shared by the training, checkpoint, CLI and distributed tests."""
 
 from __future__ import annotations
 
