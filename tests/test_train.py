@@ -17,7 +17,10 @@ import safetensors.torch
 import torch
 from pydantic import ValidationError
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from toy_configs import tiny_ntm
 from tqdm.std import tqdm
 
@@ -189,6 +192,26 @@ def test_ema_follows_its_formula():
     assert not any(p.requires_grad for p in result.ema.parameters())
 
 
+def test_ema_warmup_ramps_the_decay_by_step():
+    model = build(tiny_fm())
+    snapshots = [{k: v.clone() for k, v in model.state_dict().items()}]
+    handle = register_optimizer_step_post_hook(
+        lambda *_: snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+    )
+    try:
+        config = fast(iterations=2, warmup_steps=0, ema_decay=0.99, ema_warmup=True)
+        result = train(model, config, progress=False)
+    finally:
+        handle.remove()
+    start, after_0, after_1 = snapshots
+    d0, d1 = 1 / 10, 2 / 11  # (1 + n) / (10 + n), well below 0.99
+    for name, average in result.ema.state_dict().items():
+        expected = d1 * (d0 * start[name] + (1 - d0) * after_0[name]) + (1 - d1) * after_1[name]
+        torch.testing.assert_close(average, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValidationError, match="ema_warmup needs ema_decay"):
+        TrainConfig(ema_warmup=True)
+
+
 def test_weight_decay_reaches_adamw_and_shrinks_weights():
     for decay in (0.0, 2.0):
         model = WithSpare(build(tiny_fm()))
@@ -325,7 +348,7 @@ def test_load_errors_are_clear(tmp_path):
 @pytest.mark.parametrize("kind", ["ntm", "flow_matching"])
 def test_resume_is_exact(tmp_path, kind):
     config = tiny_ntm(mode="pairwise") if kind == "ntm" else tiny_fm()
-    settings = fast(iterations=9, ema_decay=0.8)
+    settings = fast(iterations=9, ema_decay=0.8, ema_warmup=True)  # the ramp reads the step
     whole = train(build(config), settings, model_config=config, progress=False)
 
     run = settings.model_copy(update={"out_dir": str(tmp_path), "checkpoint_every": 4})

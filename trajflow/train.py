@@ -77,6 +77,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "WarmupCosine",
+    "ema_decay_at",
     "init_model",
     "step_seed",
     "train",
@@ -102,6 +103,10 @@ class TrainConfig(BaseModel):
         min_lr_ratio: The cosine decays the rate to ``min_lr_ratio · lr``.
         grad_clip: Clip the global gradient norm to this (``None``: no clipping).
         ema_decay: Decay of the parameter EMA (``None``: no EMA).
+        ema_warmup: Ramp the EMA decay up as ``min(ema_decay, (1 + n) / (10 + n))`` at step
+            ``n``, so the EMA forgets the initial weights. Without it, a run shorter than a
+            few times ``1 / (1 - ema_decay)`` steps keeps a visible share of them (after 2000
+            steps at 0.999, 13.5 % of the EMA is the initialisation).
         checkpoint_every: Write a checkpoint every this many steps (``None``: only at the end);
             needs ``out_dir``.
         keep_last: Keep only the newest this many checkpoints of the run, deleting older ones
@@ -139,6 +144,7 @@ class TrainConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    ema_warmup: bool = False
     checkpoint_every: int | None = Field(None, ge=1)
     keep_last: int | None = Field(None, ge=1)
     out_dir: str | None = None
@@ -150,6 +156,12 @@ class TrainConfig(BaseModel):
     compile: bool = False
     micro_batches: int = Field(1, ge=1)
     fsdp: bool = False
+
+    @model_validator(mode="after")
+    def _ema_warmup_needs_an_ema(self) -> TrainConfig:
+        if self.ema_warmup and self.ema_decay is None:
+            raise ValueError("ema_warmup needs ema_decay (there is no EMA to warm up)")
+        return self
 
     @model_validator(mode="after")
     def _micro_batches_divide_the_batch(self) -> TrainConfig:
@@ -239,6 +251,21 @@ def init_model(model_config: ModelConfig, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(step_seed(seed, 0, "init"))
         return model_config.build()
+
+
+def ema_decay_at(config: TrainConfig, step: int) -> float:
+    """The EMA decay applied after step ``step`` (0-based): ``ema_decay``, ramped if ``ema_warmup``.
+
+    Example:
+        >>> config = TrainConfig(ema_decay=0.999, ema_warmup=True)
+        >>> ema_decay_at(config, 0), ema_decay_at(config, 90), ema_decay_at(config, 10**5)
+        (0.1, 0.91, 0.999)
+    """
+    if config.ema_decay is None:
+        raise ValueError("ema_decay_at needs a TrainConfig with ema_decay set")
+    if not config.ema_warmup:
+        return config.ema_decay
+    return min(config.ema_decay, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
@@ -728,7 +755,7 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
         if bad_value == 0:
             optimizer.step()
             if ema is not None:
-                update_ema(ema_trained, trained, config.ema_decay)
+                update_ema(ema_trained, trained, ema_decay_at(config, step))
             window.append(loss_value)
         else:
             skipped_at.append(step)
