@@ -8,6 +8,12 @@ budget and seed) on one dataset, then takes the few-step samplers apart:
   ordinary sampler, ``j = 1`` only the last step; the difference between successive starts
   is what one step adds. Reported as sliced Wasserstein to held-out data and as the sample
   mean, whose drift from step to step is the error that accumulates;
+* **one step from the truth**: one step of the model from the true level ``j`` to ``j - 1``,
+  compared with the true ``x_{t_{j-1}}`` of the same trajectories: the mean offset each step
+  adds on its own (before any of it compounds), and its sliced Wasserstein;
+* **the best Gaussian chain**: each step ``N(A x_t + B m, C² + B² v)`` with ``m`` and ``v``
+  the exact posterior mean and variance of ``x_0`` given ``x_t`` (the data taken as a large
+  reference sample): what a Gaussian chain with perfect networks reaches at each ``T``;
 * **per-level likelihood**: the trajectory NLL of each factor ``k`` (nats/dim, on the
   evaluation grid), NTM against the chain: what the transporter earns at each level;
 * **local vs global metrics** at ``T = 2, 4, 8``: sliced Wasserstein and energy distance
@@ -36,10 +42,12 @@ from toy2d import EVAL_POINTS, ITERATIONS, T0, fit, ntm_config
 
 from trajflow import DATASETS, NTM, sample_dataset
 from trajflow.metrics import energy_distance, kde_cross_entropy, sliced_wasserstein
-from trajflow.schedules import sample_trajectory
+from trajflow.schedules import posterior_coefficients, sample_trajectory
 
 #: Step counts taken apart, and those compared on every metric.
 DECOMPOSED_STEPS, COMPARED_STEPS = [4, 8], [2, 4, 8]
+#: Points of the reference sample that defines the best Gaussian chain's posteriors.
+ORACLE_REFERENCE = 30_000
 #: Kernel width of the KDE metrics (the toy data sets span about [-3, 3]).
 BANDWIDTH = 0.08
 
@@ -71,6 +79,68 @@ def start_from_level(
         )
         u = mean[:, 0] + torch.exp(log_std[:, 0]) * torch.randn(u.shape, generator=generator)
     return model.untransport(u, times[:, 0], steps)
+
+
+@torch.no_grad()
+def single_step(
+    model: NTM, x0: Tensor, steps: int, level: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """One model step from the true level ``level`` to ``level - 1``.
+
+    Returns:
+        The model's ``x_{t_{level-1}}`` (mapped back from u-space) and the true
+        ``x_{t_{level-1}}`` of the same forward trajectories. For ``level = 1`` the first is
+        exactly what :func:`start_from_level` returns with the same generator.
+    """
+    times = grid(model, x0.shape[0], steps)
+    trajectory = sample_trajectory(x0, times, generator)
+    if level == steps:
+        u = trajectory[:, steps]
+    else:
+        u = model.transport(trajectory[:, level : level + 1], times[:, level : level + 1], steps)
+        u = u[0][:, 0]
+    mean, log_std = model.gaussian(
+        u[:, None], times[:, level : level + 1], times[:, level - 1 : level], steps
+    )
+    u = mean[:, 0] + torch.exp(log_std[:, 0]) * torch.randn(u.shape, generator=generator)
+    return model.untransport(u, times[:, level - 1], steps), trajectory[:, level - 1]
+
+
+@torch.no_grad()
+def oracle_posterior(
+    x_t: Tensor, t: float, reference: Tensor, chunk: int = 1000
+) -> tuple[Tensor, Tensor]:
+    """Mean and per-dimension variance of ``x_0`` given ``x_t = (1 - t) x_0 + t ε``.
+
+    ``x_0`` is uniform over the points of ``reference``; computed in float64.
+    """
+    reference = reference.double()
+    means, variances = [], []
+    for part in x_t.double().split(chunk):
+        log_weights = -torch.cdist(part, (1 - t) * reference).square() / (2 * t * t)
+        weights = torch.softmax(log_weights, dim=1)
+        mean = weights @ reference
+        means.append(mean)
+        variances.append((weights @ reference.square() - mean.square()).clamp_min(0))
+    return torch.cat(means).to(x_t.dtype), torch.cat(variances).to(x_t.dtype)
+
+
+@torch.no_grad()
+def oracle_chain(times: Tensor, reference: Tensor, generator: torch.Generator) -> Tensor:
+    """Samples the best diagonal Gaussian reverse chain on the grid ``times`` ``(n, T + 1)``.
+
+    Each step draws ``x_s ~ N(A x_t + B m, C² + B² v)``, ``(m, v)`` from
+    :func:`oracle_posterior`: the exact mean and the variance of the true reverse step
+    ``∫ q(x_s | x_t, x_0) p(x_0 | x_t) dx_0``, with its correlations across dimensions dropped.
+    """
+    x = torch.randn(times.shape[0], reference.shape[1], generator=generator)
+    for k in range(times.shape[1] - 2, -1, -1):
+        t, s = times[:, k + 1], times[:, k]
+        a, b, c2 = (v[:, None].float() for v in posterior_coefficients(s, t))
+        mean, variance = oracle_posterior(x, float(t[0]), reference)
+        std = (c2 + b.square() * variance).sqrt()
+        x = a * x + b * mean + std * torch.randn(x.shape, generator=generator)
+    return x
 
 
 @torch.no_grad()
@@ -119,7 +189,9 @@ def run(
     test = sample_dataset(dataset, points, seed=10_000 + seed)
     panels["data"] = test
     x0 = sample_dataset(dataset, points, seed=20_000 + seed)
-    records: dict[str, Any] = {"by_start_level": [], "level_nll": [], "metrics": []}
+    records: dict[str, Any] = {
+        "by_start_level": [], "single_step": [], "level_nll": [], "metrics": []
+    }  # fmt: skip
     for name, model in models.items():
         for steps in DECOMPOSED_STEPS:
             for level in range(steps, 0, -1):
@@ -131,6 +203,15 @@ def run(
                         samples, test, generator=torch.Generator().manual_seed(7)),
                     "mean": samples.mean(0).tolist(),
                 })  # fmt: skip
+                stepped, truth = single_step(
+                    model, x0, steps, level, torch.Generator().manual_seed(seed + 5)
+                )
+                records["single_step"].append({
+                    "method": name, "steps": steps, "level": level,
+                    "mean_offset": (stepped.mean(0) - truth.mean(0)).tolist(),
+                    "sliced_wasserstein": sliced_wasserstein(
+                        stepped, truth, generator=torch.Generator().manual_seed(7)),
+                })  # fmt: skip
             nll = level_nll(model, x0, steps, torch.Generator().manual_seed(seed + 3))
             records["level_nll"].append({"method": name, "steps": steps, "nll_per_dim": nll})
         for steps in COMPARED_STEPS:
@@ -141,10 +222,19 @@ def run(
             records["metrics"].append(
                 {"method": name, "steps": steps, **sample_metrics(samples, test)}
             )
+    reference = sample_dataset(dataset, ORACLE_REFERENCE, seed=30_000 + seed)
+    for steps in COMPARED_STEPS:
+        times = grid(models["gaussian_chain"], points, steps)
+        samples = oracle_chain(times, reference, torch.Generator().manual_seed(seed + 1))
+        panels[f"best Gaussian chain T={steps}"] = samples
+        records["metrics"].append(
+            {"method": "best_gaussian_chain", "steps": steps, **sample_metrics(samples, test)}
+        )
     floor = sample_metrics(x0, test)
     return {
         "benchmark": "toy2d_steps", "dataset": dataset, "seed": seed, "iterations": iters,
         "eval_points": points, "t0": T0, "kde_bandwidth": BANDWIDTH,
+        "oracle_reference": ORACLE_REFERENCE,
         "data_mean": x0.mean(0).tolist(), "data_vs_data": floor, "fingerprint": fingerprint(),
         **records,
     }  # fmt: skip
@@ -154,8 +244,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return markdown_table([dict(zip(header, row, strict=True)) for row in rows], header)
 
 
+def _point(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:+.3f}" for v in values) + ")"
+
+
 def tables(result: dict[str, Any]) -> str:
-    """Markdown: error by starting level, per-level NLL, and the metric comparison."""
+    """Markdown: error by starting level, one step's offset, per-level NLL, and the metrics."""
     lines = []
     for steps in DECOMPOSED_STEPS:
         rows = []
@@ -164,9 +258,16 @@ def tables(result: dict[str, Any]) -> str:
                 r for r in result["by_start_level"] if r["method"] == name and r["steps"] == steps
             ]
             rows.append([f"{name} SW"] + [f"{r['sliced_wasserstein']:.4f}" for r in picked])
-            rows.append([f"{name} mean"] + [
-                "(" + ", ".join(f"{v:+.3f}" for v in r["mean"]) + ")" for r in picked])  # fmt: skip
+            rows.append([f"{name} mean"] + [_point(r["mean"]) for r in picked])
         header = [f"T={steps}, start at j ="] + [str(j) for j in range(steps, 0, -1)]
+        lines += [_table(header, rows), ""]
+        rows = []
+        for name in ("ntm", "gaussian_chain"):
+            picked = [
+                r for r in result["single_step"] if r["method"] == name and r["steps"] == steps
+            ]
+            rows.append([f"{name} mean offset"] + [_point(r["mean_offset"]) for r in picked])
+        header = [f"T={steps}, one step j → j-1, j ="] + [str(j) for j in range(steps, 0, -1)]
         lines += [_table(header, rows), ""]
     rows = []
     for record in result["level_nll"]:
@@ -201,9 +302,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if pyplot() is not None:
             from trajflow.plotting import scatter_grid
 
-            title = f"{args.dataset}: NTM and Gaussian chain at T = 2, 4, 8"
+            title = f"{args.dataset}: NTM, Gaussian chain and best Gaussian chain at T = 2, 4, 8"
+            rows = {**{k: v for k, v in panels.items() if k != "data"}, "data": panels["data"]}
             scatter_grid(
-                panels, Path(args.out).with_suffix(".png"), columns=4, limit=3.5, title=title
+                rows, Path(args.out).with_suffix(".png"), columns=3, limit=3.5, title=title
             )
     return result
 
