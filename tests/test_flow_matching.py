@@ -440,6 +440,19 @@ def test_the_teacher_is_not_part_of_the_model_state():
     assert not teacher_ids & {id(b) for b in ntm.buffers()}
 
 
+@pytest.mark.parametrize("no_delta_mean", [False, True])
+def test_finetuning_from_a_frozen_ema_copy_trains_the_predictor(no_delta_mean):
+    """An EMA copy has requires_grad off; the NTM built from it must still learn (the toy
+    benchmark's finetuned row once trained only its transporter this way)."""
+    fm = FlowMatching(velocity_mlp()).requires_grad_(False)
+    ntm = NTM.from_flow_matching(fm, identity_transporter(), no_delta_mean=no_delta_mean)
+    trainable = {name for name, p in ntm.predictor.named_parameters() if p.requires_grad}
+    everything = {name for name, _ in ntm.predictor.named_parameters()}
+    assert trainable == ({"delta_head.weight", "delta_head.bias"} if no_delta_mean else everything)
+    assert not any(p.requires_grad for p in ntm.teacher.parameters())
+    assert not any(p.requires_grad for p in fm.parameters())  # the source model is untouched
+
+
 def test_the_teacher_stays_frozen_in_eval_mode_and_follows_the_model():
     ntm, _ = finetuned()
     ntm.train()

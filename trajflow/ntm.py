@@ -636,8 +636,13 @@ class NTM(nn.Module):
         if net.target != "velocity":
             raise ValueError("from_flow_matching expects a velocity network (target='velocity')")
         schedule = fm.schedule if schedule is None else schedule
-        model = cls(transporter, copy.deepcopy(net), schedule, **kwargs)
-        model.prepare_finetuning(no_delta_mean, aux_weight, aux_steps, teacher=copy.deepcopy(net))
+        # The predictor is a trainable copy even of a frozen model: an EMA copy (what one
+        # usually finetunes from) has requires_grad off, and a predictor copied with it would
+        # silently not train.
+        predictor = copy.deepcopy(net).requires_grad_(True)
+        model = cls(transporter, predictor, schedule, **kwargs)
+        teacher = copy.deepcopy(net).requires_grad_(False)
+        model.prepare_finetuning(no_delta_mean, aux_weight, aux_steps, teacher=teacher)
         return model
 
     def prepare_finetuning(
