@@ -57,6 +57,26 @@ def grid(model: NTM, n: int, steps: int) -> Tensor:
     return model.grid(steps, torch.full((n,), T0, dtype=torch.float64))
 
 
+def _true_level(
+    model: NTM, x0: Tensor, steps: int, level: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The grid, a forward trajectory of ``x0`` and its level ``level`` in u-space."""
+    times = grid(model, x0.shape[0], steps)
+    trajectory = sample_trajectory(x0, times, generator)
+    if level == steps:
+        return times, trajectory, trajectory[:, steps]
+    u = model.transport(trajectory[:, level : level + 1], times[:, level : level + 1], steps)
+    return times, trajectory, u[0][:, 0]
+
+
+def _step(
+    model: NTM, u: Tensor, times: Tensor, k: int, steps: int, generator: torch.Generator
+) -> Tensor:
+    """Draws ``u_k`` from the model's Gaussian given ``u_{k+1}``."""
+    mean, log_std = model.gaussian(u[:, None], times[:, k + 1 : k + 2], times[:, k : k + 1], steps)
+    return mean[:, 0] + torch.exp(log_std[:, 0]) * torch.randn(u.shape, generator=generator)
+
+
 @torch.no_grad()
 def start_from_level(
     model: NTM, x0: Tensor, steps: int, level: int, generator: torch.Generator
@@ -66,18 +86,9 @@ def start_from_level(
     ``level = steps`` starts from ``x_1 ~ N(0, I)`` (the ordinary sampler); ``level = j < T``
     from ``u_j = f(x_{t_j})`` of a forward trajectory of ``x0``.
     """
-    times = grid(model, x0.shape[0], steps)
-    trajectory = sample_trajectory(x0, times, generator)
-    if level == steps:
-        u = trajectory[:, steps]
-    else:
-        u = model.transport(trajectory[:, level : level + 1], times[:, level : level + 1], steps)
-        u = u[0][:, 0]
+    times, _, u = _true_level(model, x0, steps, level, generator)
     for k in range(level - 1, -1, -1):
-        mean, log_std = model.gaussian(
-            u[:, None], times[:, k + 1 : k + 2], times[:, k : k + 1], steps
-        )
-        u = mean[:, 0] + torch.exp(log_std[:, 0]) * torch.randn(u.shape, generator=generator)
+        u = _step(model, u, times, k, steps, generator)
     return model.untransport(u, times[:, 0], steps)
 
 
@@ -92,17 +103,8 @@ def single_step(
         ``x_{t_{level-1}}`` of the same forward trajectories. For ``level = 1`` the first is
         exactly what :func:`start_from_level` returns with the same generator.
     """
-    times = grid(model, x0.shape[0], steps)
-    trajectory = sample_trajectory(x0, times, generator)
-    if level == steps:
-        u = trajectory[:, steps]
-    else:
-        u = model.transport(trajectory[:, level : level + 1], times[:, level : level + 1], steps)
-        u = u[0][:, 0]
-    mean, log_std = model.gaussian(
-        u[:, None], times[:, level : level + 1], times[:, level - 1 : level], steps
-    )
-    u = mean[:, 0] + torch.exp(log_std[:, 0]) * torch.randn(u.shape, generator=generator)
+    times, trajectory, u = _true_level(model, x0, steps, level, generator)
+    u = _step(model, u, times, level - 1, steps, generator)
     return model.untransport(u, times[:, level - 1], steps), trajectory[:, level - 1]
 
 
