@@ -49,6 +49,11 @@ def test_run_reports_every_method_and_target(toy2d, ring_dataset, monkeypatch):
     for record in result["records"]:
         assert record["sliced_wasserstein"] >= 0 and record["train_step_ms"] > 0
         assert record["train_seconds"] > 0
+        # Each row is the mean over independent sampling seeds (fresh draws, not one repeated).
+        per_seed = record["sliced_wasserstein_per_seed"]
+        assert len(per_seed) == toy2d.SAMPLE_SEEDS == result["settings"]["sample_seeds"] == 3
+        assert record["sliced_wasserstein"] == pytest.approx(sum(per_seed) / len(per_seed))
+        assert len(set(per_seed)) == len(per_seed), record
     bounds = [r["bits_per_dim"] for r in result["records"] if r["bits_per_dim"] is not None]
     assert len(bounds) == 4  # NTM, finetuned NTM and chain at T=4 (bound), NSF (exact)
     names = [target["name"] for target in result["targets"]]
