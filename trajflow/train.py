@@ -31,12 +31,10 @@ Example:
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
 import dataclasses
 import hashlib
-import itertools
 import math
 import os
 import re
@@ -51,14 +49,6 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed support: nothing is ever sharded
-
-    class DTensor:  # type: ignore[no-redef]
-        """Stands in for torch's DTensor, of which no instance can then exist."""
-
-
 from trajflow.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -69,7 +59,21 @@ from trajflow.checkpoint import (
 )
 from trajflow.config import ModelConfig
 from trajflow.data import DATASETS, sample_dataset
-from trajflow.nn import TransformerLayer
+from trajflow.distributed import (
+    FULL_PREFIX,
+    LossModule,
+    Processes,
+    SavedState,
+    broadcast_from_rank0,
+    full_states,
+    fully_shard_layers,
+    gather_into,
+    grad_norm,
+    load_full_optimizer,
+    optimizer_by_index,
+    setup_processes,
+    unprefixed,
+)
 from trajflow.progress import progress_bar
 
 __all__ = [
@@ -315,61 +319,6 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-class _Loss(nn.Module):
-    """Calls ``model.loss`` from ``forward``, so DDP's gradient hooks see the call."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *batch: Tensor, step: int, generator: torch.Generator) -> Tensor:
-        loss = self.model.loss(*batch, step=step, generator=generator).loss
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            raise TypeError(
-                f"expected model.loss(...).loss to be a scalar tensor, got {type(loss).__name__}"
-                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
-            )
-        return loss
-
-
-@dataclasses.dataclass
-class _Processes:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def _setup_processes(device: str) -> tuple[_Processes, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if world <= 1:
-        return _Processes(), torch.device(device)
-    processes = _Processes(
-        rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", 0))
-    )
-    target = torch.device(device)
-    if target.type == "cuda":
-        target = torch.device("cuda", processes.local_rank)
-        torch.cuda.set_device(target)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
-        # Kept up for later calls in this process (the t2i recipe trains twice) and torn down
-        # at exit: an init_process_group after a destroy_process_group can deadlock in
-        # torchrun's store, one rank joining the new group while another waits forever.
-        atexit.register(_destroy_process_group)
-    return processes, target
-
-
-def _destroy_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _default_data(config: TrainConfig) -> DataFn:
     def data_fn(step: int, batch_size: int) -> Tensor:
         return sample_dataset(config.dataset, batch_size, seed=step_seed(config.seed, step))
@@ -381,7 +330,7 @@ def _local_batch(
     batch: Tensor | tuple[Tensor, ...],
     step: int,
     batch_size: int,
-    processes: _Processes,
+    processes: Processes,
     local: int,
     device: torch.device,
     dtype: torch.dtype,
@@ -406,137 +355,6 @@ def _local_batch(
     return tuple(
         part[rows].to(device=device, dtype=dtype if part.is_floating_point() else None)
         for part in parts
-    )
-
-
-def _grad_norm(parameters: list[nn.Parameter], clip: float | None) -> Tensor:
-    if clip is not None:
-        norm = nn.utils.clip_grad_norm_(parameters, clip)
-    else:
-        grads = [p.grad for p in parameters if p.grad is not None]
-        if any(isinstance(grad, DTensor) for grad in grads):
-            # Sharded gradients: torch's clipping knows how to reduce their norm over the
-            # processes; an infinite bound leaves the gradients as they are (scaled by 1).
-            norm = nn.utils.clip_grad_norm_(parameters, math.inf)
-        else:
-            norms = [torch.linalg.vector_norm(grad) for grad in grads]
-            norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-    # Under FSDP the norm of the sharded gradients is a replicated DTensor.
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
-
-
-# ------------------------------------------------------------------------------- FSDP2
-_FULL_PREFIX = "model."  # FSDP's names of the model's tensors: _Loss holds it as ``model``
-
-
-def _fully_shard(root: nn.Module, mesh: Any) -> None:
-    """FSDP2: every TransformerLayer is its own unit (gathered only while it runs); the rest
-    of the parameters are sharded at ``root``, whose forward gathers them."""
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
-        from torch.distributed._composable.fsdp import fully_shard
-    for module in list(root.modules()):
-        if isinstance(module, TransformerLayer):
-            fully_shard(module, mesh=mesh)
-    fully_shard(root, mesh=mesh)
-
-
-@torch.no_grad()
-def _broadcast_from_rank0(module: nn.Module, device: torch.device) -> None:
-    """Rank 0's weights on every rank, one tensor at a time (DDP does this when wrapping;
-    FSDP2 would shard each rank's own, possibly different, initial weights)."""
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        staged = tensor.detach().to(device)  # nccl only broadcasts CUDA tensors
-        dist.broadcast(staged.view(torch.uint8) if staged.dtype == torch.bool else staged, src=0)
-        tensor.copy_(staged)
-
-
-@torch.no_grad()
-def _gather_into(target: nn.Module, sharded: nn.Module) -> None:
-    """Copies a sharded module's full tensors into its plain twin on every rank.
-
-    One tensor at a time, so no device ever holds more than one full parameter at once.
-    """
-    full = target.state_dict()
-    for name, value in sharded.state_dict().items():
-        full[name].copy_(value.full_tensor() if isinstance(value, DTensor) else value)
-
-
-def _unprefixed(state: dict[str, Any]) -> dict[str, Any]:
-    return {name.removeprefix(_FULL_PREFIX): value for name, value in state.items()}
-
-
-def _optimizer_by_index(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """A full FSDP optimizer state (keyed by parameter name) keyed by parameter index, as
-    ``optimizer.state_dict()`` is in a single process: the checkpoint format is the same."""
-    index = {name: position for position, name in enumerate(names)}
-    return {
-        "state": {index[name]: values for name, values in state["state"].items()},
-        "param_groups": [
-            {**group, "params": [index[name] for name in group["params"]]}
-            for group in state["param_groups"]
-        ],
-    }
-
-
-def _optimizer_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """Inverse of :func:`_optimizer_by_index`."""
-    return {
-        "state": {names[position]: values for position, values in state["state"].items()},
-        "param_groups": [
-            {**group, "params": [names[position] for position in group["params"]]}
-            for group in state["param_groups"]
-        ],
-    }
-
-
-class _SavedState:
-    """Hands :func:`save_checkpoint` a state dict gathered elsewhere (by FSDP) where it
-    expects an optimizer."""
-
-    def __init__(self, state: dict[str, Any]):
-        self.state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.state
-
-
-def _full_states(
-    root: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema_root: nn.Module | None,
-) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Tensor] | None]:
-    """Full model, optimizer and EMA states gathered on rank 0's CPU (empty on other ranks).
-
-    A collective: every rank must call it.
-    """
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(root, options=options)
-    optimizer_state = get_optimizer_state_dict(root, optimizer, options=options)
-    ema_state = None if ema_root is None else get_model_state_dict(ema_root, options=options)
-    return model_state, optimizer_state, ema_state
-
-
-def _load_full_optimizer(
-    root: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], names: list[str]
-) -> None:
-    """Shards a single-process optimizer state (every rank read the checkpoint) into FSDP's."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(
-        root,
-        optimizer,
-        _optimizer_by_name(state, names),
-        # Parameters that never had a gradient (FlowMatching never uses its predictor's
-        # (t_out, T) path) have no state, as in a single process's optimizer.
-        options=StateDictOptions(full_state_dict=True, strict=False),
     )
 
 
@@ -588,7 +406,7 @@ def train(
         config = TrainConfig()
     elif not isinstance(config, TrainConfig):
         config = TrainConfig.model_validate(config)
-    processes, device = _setup_processes(config.device)
+    processes, device = setup_processes(config.device)
     result = _train(model, config, data_fn, model_config, resume, progress, processes, device)
     if processes.distributed:
         # No rank returns before rank 0's last checkpoint is written. (Not after an error:
@@ -634,7 +452,7 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
         # end); a copy of it is sharded and trained. The copy moves to the device before
         # sharding so that what FSDP does not manage follows it (an NTM's frozen teacher is
         # not a submodule: it is replicated, not sharded).
-        _broadcast_from_rank0(model, device)
+        broadcast_from_rank0(model, device)
         trained = copy.deepcopy(model).to(device)
     else:
         model = trained = model.to(device)
@@ -650,18 +468,18 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
         if ema is not None and state.ema is not None:
             ema.load_state_dict(state.ema, strict=True)
 
-    loss_module: nn.Module = _Loss(trained)
+    loss_module: nn.Module = LossModule(trained)
     ema_root = None
     if fsdp:
-        _fully_shard(loss_module, mesh)
+        fully_shard_layers(loss_module, mesh)
         if ema is not None:  # an EMA of the shards, sharded like the model
-            ema_root = _Loss(copy.deepcopy(ema).to(device))
-            _fully_shard(ema_root, mesh)
+            ema_root = LossModule(copy.deepcopy(ema).to(device))
+            fully_shard_layers(ema_root, mesh)
             ema_trained = ema_root.model
     else:
         ema_trained = ema
     parameters = [p for p in trained.parameters() if p.requires_grad]
-    names = [_FULL_PREFIX + n for n, p in trained.named_parameters() if p.requires_grad]
+    names = [FULL_PREFIX + n for n, p in trained.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )
@@ -673,7 +491,7 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
         if fsdp:
             if state.optimizer is None:
                 raise ValueError("the checkpoint holds no optimizer state to restore")
-            _load_full_optimizer(loss_module, optimizer, state.optimizer, names)
+            load_full_optimizer(loss_module, optimizer, state.optimizer, names)
         restore_training_state(state, None if fsdp else optimizer, scheduler, None, rng=True)
         # The loaded scheduler carries the saved schedule's settings; follow this config's,
         # which for the same config gives bitwise the same rates.
@@ -746,7 +564,7 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
                 # gradient all-reduce; the update is skipped below.
                 (part_loss / micro).backward()
             loss = loss + part_loss.detach() / micro
-        norm = _grad_norm(parameters, config.grad_clip).detach().float().to(loss.device)
+        norm = grad_norm(parameters, config.grad_clip).detach().float().to(loss.device)
         stats = torch.stack([loss, (~torch.isfinite(torch.stack([loss, norm]))).any().float()])
         if processes.distributed:  # the mean loss; a NaN on one rank skips the step everywhere
             dist.all_reduce(stats)
@@ -780,14 +598,14 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
         ):
             saved_optimizer: Any = optimizer
             if fsdp:  # every rank gathers, rank 0 writes the single-process format
-                model_state, optimizer_state, ema_state = _full_states(
+                model_state, optimizer_state, ema_state = full_states(
                     loss_module, optimizer, ema_root
                 )
                 if processes.rank == 0:
-                    model.load_state_dict(_unprefixed(model_state))
+                    model.load_state_dict(unprefixed(model_state))
                     if ema is not None:
-                        ema.load_state_dict(_unprefixed(ema_state))
-                    saved_optimizer = _SavedState(_optimizer_by_index(optimizer_state, names))
+                        ema.load_state_dict(unprefixed(ema_state))
+                    saved_optimizer = SavedState(optimizer_by_index(optimizer_state, names))
             if processes.rank == 0:
                 checkpoints.append(
                     save_checkpoint(
@@ -807,10 +625,10 @@ def _train(model, config, data_fn, model_config, resume, progress, processes, de
     bar.close()
     wall_time = time.perf_counter() - began
     if fsdp:  # the trained weights into the plain modules, on every rank
-        _gather_into(model, trained)
+        gather_into(model, trained)
         model.cpu()  # with what it shares with the trained copy (a teacher)
         if ema is not None:
-            _gather_into(ema, ema_trained)
+            gather_into(ema, ema_trained)
             ema.cpu()
     tail = [v for v in losses[-config.log_every :] if math.isfinite(v)]
     return TrainResult(

@@ -225,8 +225,8 @@ def test_fsdp_shards_every_transformer_layer_and_the_root(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule
 
+    from trajflow.distributed import LossModule, fully_shard_layers
     from trajflow.nn import TransformerLayer
-    from trajflow.train import _fully_shard, _Loss
 
     _, ntm = tiny_models()
     layers = [m for m in ntm.modules() if isinstance(m, TransformerLayer)]
@@ -235,8 +235,8 @@ def test_fsdp_shards_every_transformer_layer_and_the_root(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)  # fmt: skip
     try:
-        root = _Loss(ntm)
-        _fully_shard(root, init_device_mesh("cpu", (1,)))
+        root = LossModule(ntm)
+        fully_shard_layers(root, init_device_mesh("cpu", (1,)))
         assert isinstance(root, FSDPModule)
         assert all(isinstance(layer, FSDPModule) for layer in layers)
         # The frozen teacher is not a submodule: it is left whole, not sharded.
