@@ -48,7 +48,7 @@ MUTANTS = (
     ),
     Mutant(
         "gradient clipping removed",
-        "trajflow/train.py",
+        "trajflow/distributed.py",
         "norm = nn.utils.clip_grad_norm_(parameters, clip)",
         "norm = nn.utils.clip_grad_norm_(parameters, float('inf'))",
         ("tests/test_train.py",),

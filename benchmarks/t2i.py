@@ -63,15 +63,13 @@ from trajflow.flow import NormalizingFlow
 from trajflow.schedules import ScheduleConfig
 from trajflow.train import TrainConfig, step_seed, train
 from trajflow_t2i.data import PALETTE, make_split, to_uint8
-from trajflow_t2i.evaluate import (
+from trajflow_t2i.evaluate import compositional_accuracy, frechet_distance, score_images
+from trajflow_t2i.likelihood import (
     T0,
     Likelihood,
-    compositional_accuracy,
     flow_bits_per_dim,
-    frechet_distance,
     likelihood_variable,
     ntm_bits_per_dim,
-    score_images,
 )
 from trajflow_t2i.model import TextToImage, patchify, unpatchify
 from trajflow_t2i.presets import StageConfig, T2IConfig, preset

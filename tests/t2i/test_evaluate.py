@@ -17,20 +17,22 @@ from trajflow_t2i.check import PromptSpec
 from trajflow_t2i.cli import main
 from trajflow_t2i.data import PALETTE, Scene, ShapeObject, make_split, render
 from trajflow_t2i.evaluate import (
-    T0,
     compositional_accuracy,
     digit_of_prompt,
-    flow_bits_per_dim,
     frechet_distance,
     gaussian_frechet_distance,
+    run_eval,
+    score_images,
+)
+from trajflow_t2i.likelihood import (
+    T0,
+    flow_bits_per_dim,
     likelihood_variable,
     model_bits_per_dim,
     ntm_bits_per_dim,
     ode_log_density,
-    run_eval,
-    score_images,
 )
-from trajflow_t2i.evaluate import (
+from trajflow_t2i.likelihood import (
     _velocity_and_divergence as velocity_and_divergence,
 )
 from trajflow_t2i.model import TextToImage, patchify
