@@ -1,4 +1,4 @@
-"""Small model configs shared by the training, checkpoint, CLI and distributed tests."""
+"""Small model configs shared by the training, checkpoint, CLI, distributed and t2i tests."""
 
 from __future__ import annotations
 
@@ -21,3 +21,12 @@ def tiny_ntm(mode: str = "end_to_end") -> ModelConfig:
         schedule={"steps": [2, 3]},
         mode=mode,
     )
+
+
+def tiny_digits_t2i():
+    """The ``tiny`` text-to-image preset on 8×8 digits (64 training images)."""
+    from trajflow_t2i.presets import DataConfig, preset
+
+    config = preset("tiny")
+    config.data = DataConfig(name="digits", image_size=8, train_size=64)
+    return config
