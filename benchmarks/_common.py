@@ -172,6 +172,13 @@ def format_value(value: object) -> str:
     return str(value)
 
 
+def summarize(names: Sequence[str], table: Callable[[list[dict[str, Any]]], str]) -> dict:
+    """Prints ``table`` of the JSON result files ``names`` (a script's ``--summarize``)."""
+    results = [json.loads(Path(name).read_text()) for name in names]
+    print(table(results))
+    return {"summary": results}
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A markdown table of ``rows`` with the given ``columns`` (missing cells are dashes)."""
     cells = [[format_value(row.get(column)) for column in columns] for row in rows]

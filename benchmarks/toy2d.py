@@ -25,7 +25,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -44,6 +43,7 @@ from _common import (
     fingerprint,
     markdown_table,
     pyplot,
+    summarize,
     timeit_interleaved,
     write_json,
 )
@@ -358,9 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iters", type=int, default=None, help=f"default {ITERATIONS}")
     args = parser.parse_args(argv)
     if args.summarize:
-        results = [json.loads(Path(name).read_text()) for name in args.summarize]
-        print(summary_table(results))
-        return {"summary": results}
+        return summarize(args.summarize, summary_table)
     if not args.out:
         parser.error("--out is required (or --summarize FILES)")
     start = time.perf_counter()

@@ -1,0 +1,75 @@
+"""The training-seed benchmark reproduces toy2d's NTM rows and summarises the seeds honestly."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def seeds_module():
+    return load("toy2d_seeds")
+
+
+def test_each_seed_reproduces_the_ntm_rows_of_toy2d(seeds_module, monkeypatch):
+    toy2d = seeds_module.toy2d
+    monkeypatch.setattr(toy2d, "BATCH", 128)  # a smoke run: the budget's shape, not its size
+    result = seeds_module.run("two_moons", [1], iters=3, eval_points=300)
+    reference = toy2d.run("two_moons", seed=1, iters=3, eval_points=300)
+    (record,) = result["records"]
+    for steps in seeds_module.STEPS:
+        row = next(r for r in reference["records"] if r["method"] == "ntm" and r["steps"] == steps)
+        assert record["sliced_wasserstein"][str(steps)] == pytest.approx(
+            row["sliced_wasserstein"], rel=1e-6
+        )
+
+
+def test_summary_is_computed_from_the_seeds(seeds_module, monkeypatch):
+    monkeypatch.setattr(seeds_module.toy2d, "BATCH", 64)
+    result = seeds_module.run("eight_gaussians", [0, 1, 2], iters=2, eval_points=200)
+    records, summary = result["records"], result["summary"]
+    assert [r["seed"] for r in records] == [0, 1, 2]
+    # Different training seeds train different models.
+    assert len({r["sliced_wasserstein"]["4"] for r in records}) == 3
+    for record in records:
+        sw = record["sliced_wasserstein"]
+        assert record["ratio_8_4"] == pytest.approx(sw["8"] / sw["4"])
+        per_sample_seed = record["sliced_wasserstein_per_sample_seed"]["8"]
+        assert len(per_sample_seed) == seeds_module.toy2d.SAMPLE_SEEDS
+        assert sw["8"] == pytest.approx(statistics.fmean(per_sample_seed))
+    ratios = [r["ratio_8_4"] for r in records]
+    assert summary["ratio_8_4_mean"] == pytest.approx(statistics.fmean(ratios))
+    assert summary["ratio_8_4_stdev"] == pytest.approx(statistics.stdev(ratios))
+    assert summary["seeds_meeting_8_le_4"] == sum(ratio <= 1 for ratio in ratios)
+    means = summary["sliced_wasserstein_mean"]
+    assert summary["ratio_of_means_8_4"] == pytest.approx(means["8"] / means["4"])
+    (target,) = result["targets"]
+    assert target["value"] == summary["ratio_of_means_8_4"]
+    assert target["passed"] == (target["value"] <= 1)
+    table = seeds_module.summary_table([result])
+    assert "eight_gaussians" in table and "of 3" in table
+
+
+@pytest.mark.parametrize("seeds", [[], [0, 0]])
+def test_seeds_must_be_distinct_and_given(seeds_module, seeds):
+    with pytest.raises(ValueError, match="distinct training seeds"):
+        seeds_module.run("two_moons", seeds, iters=1, eval_points=10)
+
+
+def test_unknown_dataset_is_refused(seeds_module):
+    with pytest.raises(KeyError, match="not_a_dataset"):
+        seeds_module.run("not_a_dataset", [0], iters=1, eval_points=10)
