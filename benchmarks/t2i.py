@@ -82,7 +82,7 @@ NTM_STEPS, FM_STEPS = [1, 2, 4, 8], [4, 8, 16, 50, 100]
 #: Guidance weight of every sampler (the project's default, ``trajflow-t2i sample --cfg``).
 GUIDANCE = 3.0
 #: Levels K of the pixels: every likelihood is of ``x_t0 = (1 - t0) x + t0 ε`` (``t0 =``
-#: :data:`~trajflow_t2i.evaluate.T0`), ``x`` uniformly dequantised on K levels.
+#: :data:`~trajflow_t2i.likelihood.T0`), ``x`` uniformly dequantised on K levels.
 LEVELS = 256
 
 
