@@ -38,7 +38,8 @@ test: $(VENV)/.dev-installed lint
 # The numerics-heavy tests once more on the portable kernels and one thread: an assertion that
 # holds only for one CPU's rounding fails here before it fails on a user's machine.
 NUMERICS_TESTS := tests/blocks tests/test_ntm.py tests/test_schedules.py tests/test_predictors.py \
-	tests/test_flow_matching.py tests/test_finetuning.py tests/test_core.py tests/test_metrics.py
+	tests/test_flow_matching.py tests/test_finetuning.py tests/test_core.py tests/test_metrics.py \
+	tests/test_ntm_x0_mse.py
 test-numerics: $(VENV)/.dev-installed
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(NUMERICS_TESTS)
 

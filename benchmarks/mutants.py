@@ -89,6 +89,20 @@ MUTANTS = (
         ("tests/test_ntm.py",),
     ),
     Mutant(
+        "x0 regression target not detached",
+        "trajflow/ntm.py",
+        "((u_out.detach() - mean) / b)",
+        "((u_out - mean) / b)",
+        ("tests/test_ntm_x0_mse.py",),
+    ),
+    Mutant(
+        "x0 regression error not scaled by 1/B",
+        "trajflow/ntm.py",
+        "((u_out.detach() - mean) / b)",
+        "((u_out.detach() - mean) / 1)",
+        ("tests/test_ntm_x0_mse.py",),
+    ),
+    Mutant(
         "tarflow log-det sign",
         "trajflow/blocks/tarflow.py",
         "logdet = -log_scale.sum(dim=(1, 2))",

@@ -83,6 +83,8 @@ class ModelConfig(BaseModel):
         cfg_dropout: Condition dropout in training.
         time_independent_transporter: Accept a transporter that ignores time (see
             :class:`~trajflow.ntm.NTM`).
+        x0_mse_weight: Weight of the NTM's x̂₀ regression term (see
+            :class:`~trajflow.ntm.NTM`); ``0`` is the pure trajectory NLL.
         finetune: Set for an NTM finetuned from flow matching (its predictor is the FM
             velocity network); ``None`` for a model trained from scratch.
     """
@@ -96,6 +98,7 @@ class ModelConfig(BaseModel):
     mode: Literal["end_to_end", "pairwise"] = "end_to_end"
     cfg_dropout: float = Field(0.1, ge=0, lt=1)
     time_independent_transporter: bool = False
+    x0_mse_weight: float = Field(0.0, ge=0, allow_inf_nan=False)
     finetune: FinetuneConfig | None = None
 
     @field_validator("predictor")
@@ -113,7 +116,7 @@ class ModelConfig(BaseModel):
     @model_validator(mode="after")
     def _ntm_only_fields(self) -> ModelConfig:
         if self.kind == "flow_matching":
-            for name in ("transporter", "finetune"):
+            for name in ("transporter", "finetune", "x0_mse_weight"):
                 if getattr(self, name):
                     raise ValueError(f"{name} is an NTM setting; kind='flow_matching' has none")
         return self
@@ -172,6 +175,7 @@ class ModelConfig(BaseModel):
             mode=self.mode,
             cfg_dropout=self.cfg_dropout,
             time_independent_transporter=self.time_independent_transporter,
+            x0_mse_weight=self.x0_mse_weight,
         )
         if self.finetune is not None:
             model.prepare_finetuning(**self.finetune.model_dump())
@@ -186,6 +190,7 @@ def toy_ntm_config(
     steps: Sequence[int] = (2, 4, 8),
     mode: Literal["end_to_end", "pairwise"] = "pairwise",
     steps_weighting: StepsWeighting = "uniform",
+    x0_mse_weight: float = 0.0,
 ) -> ModelConfig:
     """An NTM for low-dimensional vector data: spline couplings and an MLP predictor.
 
@@ -195,7 +200,8 @@ def toy_ntm_config(
     chain (the paper's no-transporter ablation). One model serves every ``T`` in ``steps``.
     ``steps_weighting="transitions"`` draws ``T`` with probability ``∝ T`` (every transition
     equally often) instead of uniformly; on the toy benchmark it made ``T = 4`` worse, so the
-    default stays uniform (see the toy results page).
+    default stays uniform (see the toy results page). ``x0_mse_weight`` adds the NTM's x̂₀
+    regression term to the loss (see :class:`~trajflow.ntm.NTM`).
 
     Example:
         >>> config = toy_ntm_config(transporter_layers=2)
@@ -216,6 +222,7 @@ def toy_ntm_config(
         ],
         schedule={"steps": list(steps), "steps_weighting": steps_weighting},
         mode=mode,
+        x0_mse_weight=x0_mse_weight,
     )
 
 

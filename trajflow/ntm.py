@@ -93,6 +93,7 @@ class NTMLoss:
         bits_per_dim: ``nll / (D ln 2)`` with ``D`` the data dimension ``(B,)``.
         aux: The mean-alignment loss of a finetuned model, or ``None``.
         steps: The step count ``T`` drawn for this batch.
+        x0_mse: The x̂₀ regression term of a model with ``x0_mse_weight > 0``, or ``None``.
     """
 
     loss: Tensor
@@ -100,6 +101,7 @@ class NTMLoss:
     bits_per_dim: Tensor
     aux: Tensor | None
     steps: int
+    x0_mse: Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -134,6 +136,12 @@ class NTM(FlowMatchingFinetuning, nn.Module):
             time-conditioned transporter, so such a transporter is rejected unless you opt
             in here: one built with ``time_features=0`` by accident would silently apply the
             same map at every level.
+        x0_mse_weight: Weight λ of an x̂₀ regression term added to the training loss (not to
+            the NLL it reports): ``λ · mean ‖(sg(u_out) - μ) / B‖²`` over the steps the loss
+            sees, the squared error of the clean point the mean implies, per dimension. The
+            likelihood weights that error by ``B² / C²``, which is tiny at the noisy steps of
+            a long chain; this term gives them a mean-fitting signal of their own. ``0`` (the
+            default) is the pure trajectory NLL of the method.
 
     Raises:
         TypeError: If the transporter is not a Block or the predictor not a Predictor.
@@ -149,6 +157,7 @@ class NTM(FlowMatchingFinetuning, nn.Module):
         mode: Mode = "end_to_end",
         cfg_dropout: float = 0.1,
         time_independent_transporter: bool = False,
+        x0_mse_weight: float = 0.0,
     ):
         super().__init__()
         if transporter is not None and not isinstance(transporter, Block):
@@ -168,6 +177,7 @@ class NTM(FlowMatchingFinetuning, nn.Module):
         if mode not in ("end_to_end", "pairwise"):
             raise ValueError(f"NTM expected mode 'end_to_end' or 'pairwise', got {mode!r}")
         check_number("NTM", "cfg_dropout", cfg_dropout, low=0.0, high=1.0, open_high=True)
+        self.x0_mse_weight = check_number("NTM", "x0_mse_weight", x0_mse_weight, low=0.0)
         self._check_mode(mode, predictor)
         transporter = transporter if transporter is not None else Sequential()
         identity = isinstance(transporter, Sequential) and len(transporter) == 0
@@ -275,28 +285,54 @@ class NTM(FlowMatchingFinetuning, nn.Module):
             torch.Size([2, 5])
         """
         self._check_levels(trajectory, times)
+        return self._factor_log_probs(trajectory, times, y, y_mask, drop)[0]
+
+    def _factor_log_probs(
+        self, trajectory, times, y, y_mask, drop, with_x0_mse: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`factor_log_probs` and, with ``with_x0_mse``, :meth:`_x0_mse` over all steps."""
         steps = times.shape[1] - 1
         event_dims = len(self.event_shape)
         u, logdet = self.transport(trajectory[:, :steps], times[:, :steps], steps)
         u_in = torch.cat([u[:, 1:], trajectory[:, steps:]], dim=1)  # u_T = x_1: no transporter
         mean, log_std = self.gaussian(u_in, times[:, 1:], times[:, :-1], steps, y, y_mask, drop)
         steps_log_prob = gaussian_log_prob(u, mean, log_std, event_dims) + logdet
-        top = gaussian_log_prob(
-            trajectory[:, -1],
-            torch.zeros_like(trajectory[:, -1]),
-            torch.zeros_like(trajectory[:, -1]),
-            event_dims,
-        )
-        return torch.cat([steps_log_prob, top[:, None]], dim=1)
+        top = self._top_log_prob(trajectory[:, -1])
+        x0_mse = self._x0_mse(u, mean, times[:, :-1], times[:, 1:]) if with_x0_mse else None
+        return torch.cat([steps_log_prob, top[:, None]], dim=1), x0_mse
+
+    def _top_log_prob(self, x1: Tensor) -> Tensor:
+        """``log N(x_1; 0, I)`` per sample."""
+        zeros = torch.zeros_like(x1)
+        return gaussian_log_prob(x1, zeros, zeros, len(self.event_shape))
+
+    def _x0_mse(self, u_out: Tensor, mean: Tensor, t_out: Tensor, t_in: Tensor) -> Tensor:
+        """Mean of ``((sg(u_out) - μ) / B)²`` over samples, steps and dimensions.
+
+        ``u_out = A u_in + B x_0 + C ε``, so ``(u_out - A u_in) / B`` is ``x_0`` plus noise of
+        scale ``C / B`` and the term is a regression of the implied ``x̂_0`` onto it; ``u_out``
+        is a target, hence detached (its gradient stays the likelihood's alone).
+        """
+        b = _expand(posterior_coefficients(t_out, t_in).b, mean).to(mean.dtype)
+        return ((u_out.detach() - mean) / b).square().mean()
 
     def _pairwise_log_prob(
-        self, trajectory, times, y, y_mask, drop, generator, with_aux: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
+        self,
+        trajectory,
+        times,
+        y,
+        y_mask,
+        drop,
+        generator,
+        with_aux: bool = False,
+        with_x0_mse: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Unbiased estimate ``log N(x_1) + T · (term of one random step k)`` per sample.
 
         With ``with_aux`` also the mean-alignment loss on the same random step: an unbiased
         estimate of :meth:`_alignment_loss` that reuses this step's ``μ_P`` instead of running
-        the predictor and the teacher on every level (``T`` times cheaper).
+        the predictor and the teacher on every level (``T`` times cheaper). With
+        ``with_x0_mse`` likewise an unbiased estimate of the end-to-end :meth:`_x0_mse`.
         """
         batch, steps = times.shape[0], times.shape[1] - 1
         event_dims = len(self.event_shape)
@@ -312,19 +348,17 @@ class NTM(FlowMatchingFinetuning, nn.Module):
             u_in[:, None], pair_times[:, 1:], pair_times[:, :1], steps, y, y_mask, drop
         )
         term = gaussian_log_prob(u[:, :1], mean, log_std, event_dims)[:, 0] + logdet[:, 0]
-        top = gaussian_log_prob(
-            trajectory[:, -1],
-            torch.zeros_like(trajectory[:, -1]),
-            torch.zeros_like(trajectory[:, -1]),
-            event_dims,
-        )
+        top = self._top_log_prob(trajectory[:, -1])
+        x0_mse = None
+        if with_x0_mse:
+            x0_mse = self._x0_mse(u[:, :1], mean, pair_times[:, :1], pair_times[:, 1:])
         aux = None
         if with_aux:
             target = self._teacher_mean(
                 pair[:, 1:], pair_times[:, 1:], pair_times[:, :1], y, y_mask, drop
             )
             aux = (mean - target).square().mean()
-        return top + steps * term, aux
+        return top + steps * term, aux, x0_mse
 
     def loss(
         self,
@@ -366,22 +400,27 @@ class NTM(FlowMatchingFinetuning, nn.Module):
         if y is not None and self.cfg_dropout > 0:
             drop = (torch.rand(batch, generator=generator) < self.cfg_dropout).to(x0.device)
         wants_aux = self.teacher is not None and self.aux_weight > 0
+        wants_x0_mse = self.x0_mse_weight > 0
         aux = None
         if mode == "end_to_end":
-            log_prob = self.trajectory_log_prob(trajectory, times, y, y_mask, drop)
+            factors, x0_mse = self._factor_log_probs(
+                trajectory, times, y, y_mask, drop, with_x0_mse=wants_x0_mse
+            )
+            log_prob = factors[:, -1] + factors[:, :-1].sum(dim=1)
             if wants_aux:
                 aux = self._alignment_loss(trajectory, times, steps, y, y_mask, drop)
         else:
-            log_prob, aux = self._pairwise_log_prob(
-                trajectory, times, y, y_mask, drop, generator, with_aux=wants_aux
+            log_prob, aux, x0_mse = self._pairwise_log_prob(
+                trajectory, times, y, y_mask, drop, generator, wants_aux, wants_x0_mse
             )
         nll = -log_prob
         loss = nll.mean() / self.dimension
         if aux is not None:
             loss = loss + self.aux_weight_at(step) * aux
-        return NTMLoss(
-            loss, nll.detach(), nll.detach() / (self.dimension * math.log(2)), aux, steps
-        )
+        if x0_mse is not None:
+            loss = loss + self.x0_mse_weight * x0_mse
+        bits = nll.detach() / (self.dimension * math.log(2))
+        return NTMLoss(loss, nll.detach(), bits, aux, steps, x0_mse)
 
     @torch.no_grad()
     def data_bound(
