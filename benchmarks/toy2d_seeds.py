@@ -63,6 +63,7 @@ def run(
     iters: int | None = None,
     *,
     eval_points: int | None = None,
+    x0_mse_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Trains and evaluates the benchmark's NTM once per training seed; returns the JSON payload.
 
@@ -71,6 +72,7 @@ def run(
         seeds: Training seeds (each also seeds its data, held-out points and sampling).
         iters: Training iterations (default ``toy2d.ITERATIONS``).
         eval_points: Samples and held-out points per evaluation (default ``toy2d.EVAL_POINTS``).
+        x0_mse_weight: Weight of the NTM's x̂₀ regression term (``0``: the ``toy2d.py`` NTM).
     """
     DATASETS.get(dataset)
     if not seeds or len(set(seeds)) != len(seeds):
@@ -81,7 +83,8 @@ def run(
     for seed in seeds:
         torch.manual_seed(seed)  # as toy2d.run does before building its first model
         start = time.perf_counter()
-        _, ema = toy2d.fit(toy2d.ntm_config().build(), dataset, iters, seed)
+        config = toy2d.ntm_config(x0_mse_weight=x0_mse_weight)
+        _, ema = toy2d.fit(config.build(), dataset, iters, seed)
         seconds = time.perf_counter() - start
         per_seed = evaluate(ema, dataset, seed, points)
         sw = {steps: sum(values) / len(values) for steps, values in per_seed.items()}
@@ -108,6 +111,7 @@ def run(
             "eval_points": points,
             "sample_seeds": toy2d.SAMPLE_SEEDS,
             "model": "the ntm row of toy2d.py",
+            "x0_mse_weight": x0_mse_weight,
         },
         "records": records,
         "summary": {
@@ -149,6 +153,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dataset", default="spirals", help=f"one of {DATASETS.names()}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iters", type=int, default=None, help=f"default {toy2d.ITERATIONS}")
+    parser.add_argument(
+        "--x0-mse-weight", type=float, default=0.0,
+        help="weight of the NTM's x̂₀ regression term (default 0: the toy2d.py NTM)",
+    )  # fmt: skip
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--summarize", nargs="+", metavar="JSON", help="summarize result files")
     args = parser.parse_args(argv)
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return summarize(args.summarize, summary_table)
     if not args.out:
         parser.error("--out is required (or --summarize FILES)")
-    result = run(args.dataset, args.seeds, args.iters)
+    result = run(args.dataset, args.seeds, args.iters, x0_mse_weight=args.x0_mse_weight)
     write_json(args.out, result)
     print(summary_table([result]))
     print(ratio_target(result["summary"]["ratio_of_means_8_4"]).line())

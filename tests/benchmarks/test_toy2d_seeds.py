@@ -73,3 +73,26 @@ def test_seeds_must_be_distinct_and_given(seeds_module, seeds):
 def test_unknown_dataset_is_refused(seeds_module):
     with pytest.raises(KeyError, match="not_a_dataset"):
         seeds_module.run("not_a_dataset", [0], iters=1, eval_points=10)
+
+
+def test_the_x0_regression_weight_reaches_the_model_and_the_json(
+    seeds_module, monkeypatch, tmp_path
+):
+    toy2d = seeds_module.toy2d
+    monkeypatch.setattr(toy2d, "BATCH", 64)
+    built, fit = [], toy2d.fit
+
+    def spy(model, *args, **kwargs):
+        built.append(model.x0_mse_weight)
+        return fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(toy2d, "fit", spy)
+    out = tmp_path / "seeds.json"
+    argv = ["--dataset", "two_moons", "--seeds", "0", "--iters", "2", "--x0-mse-weight", "0.5"]
+    monkeypatch.setattr(toy2d, "EVAL_POINTS", 100)
+    result = seeds_module.main([*argv, "--out", str(out)])
+    assert built == [0.5]
+    assert result["settings"]["x0_mse_weight"] == 0.5
+    assert out.exists()
+    seeds_module.run("two_moons", [0], iters=1, eval_points=50)
+    assert built == [0.5, 0.0]  # the default is the toy2d.py NTM, pure NLL
