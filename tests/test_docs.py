@@ -152,3 +152,14 @@ def test_the_toy_results_page_keeps_the_marker_for_the_results_table():
     text = (DOCS / "toy_results.md").read_text()
     assert "<!-- toy2d results table -->" in text
     assert "Results are pasted from the JSON files of the last run" in text
+
+
+def test_the_model_config_shown_in_the_training_guide_is_current():
+    """docs/training.md prints a toy config in full: every field a user can set appears."""
+    from trajflow.config import toy_ntm_config
+
+    text = (DOCS / "training.md").read_text()
+    shown = re.search(r'```json\n(\{\n  "kind": "ntm".*?\n\})\n```', text, flags=re.DOTALL)
+    assert shown, "docs/training.md lost its model config example"
+    config = toy_ntm_config(predictor_hidden=[64, 64], transporter_layers=2)
+    assert shown.group(1) == config.model_dump_json(indent=2)
