@@ -126,6 +126,11 @@ class StageConfig(_Strict):
         iterations: Optimisation steps. batch_size: Images per step. lr: Peak learning rate.
         warmup_steps: Linear warmup. weight_decay: AdamW decay. grad_clip: Norm clip.
         ema_decay: Parameter EMA (``None``: none); the EMA weights are the ones exported.
+        micro_batches: Split each step's batch (each process's share under ``torchrun``)
+            into this many micro-batches whose gradients accumulate: the same step in less
+            memory. Each micro-batch draws its own randomness, so a run with ``M``
+            micro-batches trains like ``M`` processes (see :mod:`trajflow.train`), not
+            bitwise like one.
     """
 
     iterations: int = Field(1000, ge=1)
@@ -135,6 +140,15 @@ class StageConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    micro_batches: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _micro_batches_divide_the_batch(self) -> StageConfig:
+        if self.batch_size % self.micro_batches:
+            raise ValueError(
+                f"micro_batches ({self.micro_batches}) must divide batch_size ({self.batch_size})"
+            )
+        return self
 
 
 class TrainSettings(_Strict):

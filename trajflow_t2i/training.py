@@ -81,6 +81,7 @@ def stage_train_config(
         warmup_steps=min(stage.warmup_steps, stage.iterations),
         grad_clip=stage.grad_clip,
         ema_decay=stage.ema_decay,
+        micro_batches=stage.micro_batches,
         checkpoint_every=train.checkpoint_every,
         out_dir=str(out_dir),
         seed=train.seed,

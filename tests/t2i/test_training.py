@@ -6,10 +6,11 @@ import shutil
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from trajflow.registry import Spec
 from trajflow_t2i.model import TextToImage
-from trajflow_t2i.presets import T2IConfig, preset
+from trajflow_t2i.presets import StageConfig, T2IConfig, preset
 from trajflow_t2i.training import caption_batches, train_t2i
 from trajflow_t2i.weights import load_model
 
@@ -74,3 +75,27 @@ def test_a_learned_autoencoder_is_pretrained_then_frozen(tmp_path):
     for name, value in wrapper.autoencoder.state_dict().items():
         assert torch.equal(value, ae_checkpoint[name]), name
     assert not any(p.requires_grad for p in model.autoencoder.parameters())
+
+
+def test_a_stage_splits_its_batch_into_micro_batches(tmp_path, monkeypatch):
+    """``micro_batches`` reaches trajflow's loop: every loss call sees a share of the batch."""
+    config = tiny(2)
+    config.train.fm = StageConfig(iterations=2, batch_size=16, warmup_steps=1, micro_batches=4)
+    config.train.ntm = StageConfig(iterations=2, batch_size=16, warmup_steps=1, micro_batches=2)
+    config = T2IConfig.model_validate(config.model_dump())
+    seen, loss = [], TextToImage.loss
+
+    def spy(self, images, *args, **kwargs):
+        seen.append((self.stage, images.shape[0]))
+        return loss(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(TextToImage, "loss", spy)
+    model = train_t2i(config, tmp_path / "run", progress=False)
+    assert seen == [("fm", 4)] * 8 + [("ntm", 8)] * 4
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_micro_batches_must_divide_the_stage_batch():
+    with pytest.raises(ValidationError, match=r"micro_batches \(3\) must divide batch_size \(16\)"):
+        StageConfig(batch_size=16, micro_batches=3)
+    assert StageConfig(batch_size=16, micro_batches=4).micro_batches == 4
