@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from ntm_helpers import TINY_MLP, TINY_TRANSFORMER
 from torch import nn
 
 from trajflow import BLOCKS, PREDICTORS, Sequential
@@ -31,28 +32,14 @@ def as_if_fm_trained(net: Predictor, seed: int) -> Predictor:
 def velocity_mlp(seed: int = 0, cond_features: int = 0) -> Predictor:
     torch.manual_seed(seed)
     net = PREDICTORS.build(
-        "mlp",
-        features=D,
-        hidden_features=[16, 16],
-        time_features=8,
-        target="velocity",
-        cond_features=cond_features,
+        "mlp", features=D, **TINY_MLP, target="velocity", cond_features=cond_features
     ).double()
     return as_if_fm_trained(net, seed)
 
 
 def velocity_transformer(seed: int = 0) -> Predictor:
     torch.manual_seed(seed)
-    net = PREDICTORS.build(
-        "trajectory_transformer",
-        features=2,
-        tokens=3,
-        dim=16,
-        layers=1,
-        heads=2,
-        time_features=8,
-        target="velocity",
-    ).double()
+    net = PREDICTORS.build("trajectory_transformer", **TINY_TRANSFORMER, target="velocity").double()
     return as_if_fm_trained(net, seed)
 
 

@@ -19,29 +19,28 @@ F64 = torch.float64
 D = 3
 
 
+#: The MLP predictor of these tests, less its width ``features``.
+TINY_MLP = {"hidden_features": [16, 16], "time_features": 8}
+
+
 def mlp(target: str = "x0", cond_features: int = 0, seed: int = 0) -> Predictor:
     torch.manual_seed(seed)
     net = PREDICTORS.build(
-        "mlp",
-        features=D,
-        hidden_features=[16, 16],
-        time_features=8,
-        target=target,
-        cond_features=cond_features,
+        "mlp", features=D, **TINY_MLP, target=target, cond_features=cond_features
     )
     return perturb_parameters(net.double(), scale=0.2, seed=seed)
+
+
+#: A trajectory transformer small enough for float64 reference checks (3 tokens of 2).
+TINY_TRANSFORMER = {"features": 2, "tokens": 3, "dim": 16, "layers": 1, "heads": 2,
+                    "time_features": 8}  # fmt: skip
 
 
 def transformer(level_attention: str, target: str = "x0", seed: int = 0) -> Predictor:
     torch.manual_seed(seed)
     net = PREDICTORS.build(
         "trajectory_transformer",
-        features=2,
-        tokens=3,
-        dim=16,
-        layers=1,
-        heads=2,
-        time_features=8,
+        **TINY_TRANSFORMER,
         level_attention=level_attention,
         target=target,
     )
