@@ -71,12 +71,16 @@ bench-toy: $(VENV)/.dev-installed
 	done
 
 # The toy NTM once per training seed (0, 1, 2): is "T = 8 no worse than T = 4" more than luck?
-# About 5 minutes per seed and dataset on 2 cores.
+# About 5 minutes per seed and dataset on 2 cores. X0_MSE_WEIGHT=1 judges the NTM's x̂₀
+# regression term the same way (results named toy2d_seeds_x0mse1_*).
+X0_MSE_WEIGHT ?= 0
+SEEDS_NAME = $(if $(filter 0 0.0,$(X0_MSE_WEIGHT)),toy2d_seeds,toy2d_seeds_x0mse$(X0_MSE_WEIGHT))
 bench-toy-seeds: $(VENV)/.dev-installed
 	mkdir -p benchmarks/results
 	for dataset in checkerboard eight_gaussians two_moons pinwheel spirals; do \
 		$(PY) benchmarks/toy2d_seeds.py --dataset $$dataset --seeds 0 1 2 \
-			--out benchmarks/results/toy2d_seeds_$$dataset.json || exit 1; \
+			--x0-mse-weight $(X0_MSE_WEIGHT) \
+			--out benchmarks/results/$(SEEDS_NAME)_$$dataset.json || exit 1; \
 	done
 
 clean:
