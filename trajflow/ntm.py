@@ -88,7 +88,8 @@ class NTMLoss:
     """What :meth:`NTM.loss` returns.
 
     Attributes:
-        loss: Scalar to minimise: mean trajectory NLL per data dimension (+ the auxiliary term).
+        loss: Scalar to minimise: mean trajectory NLL per data dimension (+ the auxiliary
+            term, + ``x0_mse_weight`` × ``x0_mse``).
         nll: Per-sample trajectory NLL in nats ``(B,)`` (an unbiased estimate in pair-wise mode).
         bits_per_dim: ``nll / (D ln 2)`` with ``D`` the data dimension ``(B,)``.
         aux: The mean-alignment loss of a finetuned model, or ``None``.
