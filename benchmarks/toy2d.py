@@ -71,16 +71,24 @@ SAMPLE_SEEDS = 3
 PRETRAIN_FRACTION, AUX_WEIGHT = 0.5, 2.5
 
 
-def ntm_config(transporter: bool = True, x0_mse_weight: float = 0.0) -> ModelConfig:
+def ntm_config(
+    transporter: bool = True,
+    x0_mse_weight: float = 0.0,
+    transporter_layers: int | None = None,
+    transporter_hidden: list[int] | None = None,
+) -> ModelConfig:
     """The NTM (or, without transporter, the Gaussian chain) of this benchmark.
 
-    ``x0_mse_weight`` adds the NTM's x̂₀ regression term (see ``toy2d_seeds.py``); this
-    benchmark's rows train with the pure trajectory NLL.
+    ``x0_mse_weight`` adds the NTM's x̂₀ regression term (see ``toy2d_seeds.py``);
+    ``transporter_layers`` and ``transporter_hidden`` replace :data:`TRANSPORTER_LAYERS` and
+    :data:`TRANSPORTER_HIDDEN` (see ``toy2d_finetune.py``). This benchmark's rows use the
+    defaults and train with the pure trajectory NLL.
     """
+    layers = TRANSPORTER_LAYERS if transporter_layers is None else transporter_layers
     return toy_ntm_config(
         predictor_hidden=PREDICTOR_HIDDEN,
-        transporter_layers=TRANSPORTER_LAYERS if transporter else 0,
-        transporter_hidden=TRANSPORTER_HIDDEN,
+        transporter_layers=layers if transporter else 0,
+        transporter_hidden=TRANSPORTER_HIDDEN if transporter_hidden is None else transporter_hidden,
         steps=TRAIN_STEPS,
         x0_mse_weight=x0_mse_weight,
     )
@@ -91,28 +99,44 @@ def fm_config() -> ModelConfig:
     return toy_flow_matching_config(predictor_hidden=PREDICTOR_HIDDEN)
 
 
-def finetuned_ntm(dataset: str, iterations: int, seed: int) -> tuple[nn.Module, nn.Module]:
+def finetuned_ntm(
+    dataset: str,
+    iterations: int,
+    seed: int,
+    *,
+    pretrain_fraction: float | None = None,
+    aux_weight: float | None = None,
+    config: ModelConfig | None = None,
+    finetune_lr: float | None = None,
+) -> tuple[nn.Module, nn.Module]:
     """The paper's recipe: flow matching, then an NTM initialised from it and finetuned.
 
     The two phases share ``iterations`` (each with its own warmup and cosine), so the model
     sees as many batches as the flow-matching row. The NTM starts as the FM model's Gaussian
     ancestral sampler (identity transporter, zero δ) and keeps its mean close to the frozen
     FM network's with the auxiliary loss while λ decays.
+
+    The keyword arguments change one setting of the recipe (``None``: this benchmark's, i.e.
+    :data:`PRETRAIN_FRACTION`, :data:`AUX_WEIGHT`, the transporter and schedule of
+    :func:`ntm_config` and :data:`LR`); ``toy2d_finetune.py`` measures what each one does.
     """
-    pretrain = max(1, round(PRETRAIN_FRACTION * iterations))
+    fraction = PRETRAIN_FRACTION if pretrain_fraction is None else pretrain_fraction
+    if not 0 < fraction < 1:
+        raise ValueError(f"expected a pretraining fraction in (0, 1), got {fraction}")
+    pretrain = max(1, round(fraction * iterations))
     finetune = max(1, iterations - pretrain)
     _, fm = fit(fm_config().build(), dataset, pretrain, seed)
-    config = ntm_config()
+    config = ntm_config() if config is None else config
     model = NTM.from_flow_matching(
         fm,
         Sequential.from_specs(config.transporter),
         config.schedule,
-        aux_weight=AUX_WEIGHT,
+        aux_weight=AUX_WEIGHT if aux_weight is None else aux_weight,
         aux_steps=finetune,
         mode=config.mode,
         cfg_dropout=config.cfg_dropout,
     )
-    return fit(model, dataset, finetune, seed)
+    return fit(model, dataset, finetune, seed, lr=finetune_lr)
 
 
 class ZukoNSF(nn.Module):
@@ -139,13 +163,18 @@ class ZukoNSF(nn.Module):
         return self.flow().sample((n,))
 
 
-def fit(model: nn.Module, dataset: str, iterations: int, seed: int) -> tuple[nn.Module, nn.Module]:
+def fit(
+    model: nn.Module, dataset: str, iterations: int, seed: int, lr: float | None = None
+) -> tuple[nn.Module, nn.Module]:
     """Trains ``model`` with trajflow's loop (AdamW, warmup + cosine, clipping, EMA).
+
+    ``lr`` is the peak learning rate (default :data:`LR`; the cosine ends at a tenth of it).
 
     Returns:
         The trained model (for timing training steps) and its EMA copy (for evaluation).
     """
-    config = TrainConfig(iterations=iterations, batch_size=BATCH, lr=LR, seed=seed,
+    lr = LR if lr is None else lr
+    config = TrainConfig(iterations=iterations, batch_size=BATCH, lr=lr, seed=seed,
                          ema_decay=EMA, ema_warmup=EMA_WARMUP, dataset=dataset,
                          warmup_steps=min(100, iterations // 10))  # fmt: skip
     result = train(model, config, progress=False)

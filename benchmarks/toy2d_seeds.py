@@ -40,12 +40,20 @@ STEPS = [1, 2, 4, 8]
 
 
 def evaluate(
-    model: torch.nn.Module, dataset: str, seed: int, points: int
+    model: torch.nn.Module,
+    dataset: str,
+    seed: int,
+    points: int,
+    steps_list: list[int] | None = None,
 ) -> dict[int, list[float]]:
-    """SW of ``model`` at every :data:`STEPS`, one value per sampling seed of ``toy2d.py``."""
+    """SW of ``model`` at each step count, one value per sampling seed of ``toy2d.py``.
+
+    The held-out points, sampling seeds and projections are ``toy2d.py``'s for ``seed``;
+    ``steps_list`` defaults to :data:`STEPS`.
+    """
     test = sample_dataset(dataset, points, seed=10_000 + seed)
     found = {}
-    for steps in STEPS:
+    for steps in STEPS if steps_list is None else steps_list:
         found[steps] = []
         for index in range(toy2d.SAMPLE_SEEDS):
             generator = torch.Generator().manual_seed(seed + 1 + index)

@@ -71,7 +71,8 @@ def test_finetuned_row_spends_the_fm_budget(toy2d, monkeypatch):
     """FM pretraining then NTM finetuning: the two phases together take the FM row's steps."""
     calls = []
 
-    def fake_fit(model, dataset, iterations, seed):
+    def fake_fit(model, dataset, iterations, seed, lr=None):
+        assert lr is None  # both phases at the benchmark's learning rate
         calls.append((model, iterations))
         return model, model.eval()
 

@@ -1,0 +1,234 @@
+"""What moves the finetuned NTM at four steps? The paper's recipe with one setting changed.
+
+`toy2d.py`'s finetuned NTM (flow matching for half the budget, then
+:meth:`~trajflow.ntm.NTM.from_flow_matching` with the mean-alignment loss for the other half)
+misses "four NTM steps ≤ a hundred Euler steps" on every dataset. This script trains that row
+with one or more settings of the recipe replaced (pretraining share, auxiliary weight,
+transporter depth and width, finetuning learning rate, budget) and reports sliced Wasserstein
+at ``T = 2, 4, 8`` (the means over ``toy2d.SAMPLE_SEEDS`` sampling seeds, on the held-out
+points of ``toy2d.py``), beside flow matching with 100 Euler steps at the same budget: trained
+here, or read from a ``toy2d.py`` result of the same dataset, seed and budget
+(``--fm-from``), which saves its training.
+
+The model is built right after ``torch.manual_seed(seed)``, so its initial weights differ
+from the ``ntm_finetuned`` row of ``toy2d.py``, which builds the NTM from scratch first; the
+run with no setting changed is the baseline to compare against.
+
+Usage:
+    python benchmarks/toy2d_finetune.py --dataset checkerboard \\
+        --fm-from benchmarks/results/toy2d_checkerboard.json --out out/ft_base.json
+    python benchmarks/toy2d_finetune.py --dataset checkerboard --transporter-layers 8 \\
+        --transporter-hidden 128 128 --pretrain-fraction 0.25 --out out/ft_big.json
+    python benchmarks/toy2d_finetune.py --summarize benchmarks/results/toy2d_finetune_*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import toy2d
+from _common import Target, fingerprint, markdown_table, summarize, write_json
+from toy2d_seeds import evaluate
+
+from trajflow import DATASETS
+
+#: Step counts the finetuned NTM is sampled at, and flow matching's reference.
+NTM_STEPS, FM_STEPS = [2, 4, 8], 100
+
+
+def recipe(
+    pretrain_fraction: float | None = None,
+    aux_weight: float | None = None,
+    transporter_layers: int | None = None,
+    transporter_hidden: list[int] | None = None,
+    finetune_lr: float | None = None,
+) -> dict[str, Any]:
+    """Every setting of the recipe, ``toy2d.py``'s where an argument is ``None``."""
+    given = {
+        "pretrain_fraction": pretrain_fraction,
+        "aux_weight": aux_weight,
+        "transporter_layers": transporter_layers,
+        "transporter_hidden": None if transporter_hidden is None else list(transporter_hidden),
+        "finetune_lr": finetune_lr,
+    }
+    default = {
+        "pretrain_fraction": toy2d.PRETRAIN_FRACTION,
+        "aux_weight": toy2d.AUX_WEIGHT,
+        "transporter_layers": toy2d.TRANSPORTER_LAYERS,
+        "transporter_hidden": list(toy2d.TRANSPORTER_HIDDEN),
+        "finetune_lr": toy2d.LR,
+    }
+    return {key: default[key] if value is None else value for key, value in given.items()}
+
+
+def changes(settings: dict[str, Any]) -> str:
+    """The settings that differ from ``toy2d.py``'s, e.g. ``"aux_weight=0"``."""
+    default = recipe()
+    changed = [f"{key}={value}" for key, value in settings.items() if value != default[key]]
+    return ", ".join(changed) or "toy2d.py recipe"
+
+
+def fm_reference(path: str | Path, dataset: str, seed: int, iters: int) -> float:
+    """FM Euler-100 SW from a ``toy2d.py`` result, checked to be the same dataset and budget."""
+    result = json.loads(Path(path).read_text())
+    found = (result.get("dataset"), result.get("seed"), result["settings"]["iterations"])
+    if found != (dataset, seed, iters):
+        raise ValueError(
+            f"{path}: expected a toy2d.py result for dataset={dataset!r}, seed={seed}, "
+            f"iterations={iters}; it holds dataset={found[0]!r}, seed={found[1]}, "
+            f"iterations={found[2]}"
+        )
+    for record in result["records"]:
+        if record["method"] == "flow_matching" and record["steps"] == FM_STEPS:
+            return record["sliced_wasserstein"]
+    raise ValueError(f"{path}: no flow_matching record with {FM_STEPS} steps")
+
+
+def run(
+    dataset: str,
+    seed: int = 0,
+    iters: int | None = None,
+    *,
+    fm_from: str | Path | None = None,
+    eval_points: int | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Trains the finetuned NTM with ``settings`` (see :func:`recipe`); returns the payload.
+
+    Args:
+        dataset: A registered ``trajflow.DATASETS`` name.
+        seed: Seeds initialisation, data, held-out points and sampling, as in ``toy2d.py``.
+        iters: Total training iterations of the recipe and of flow matching.
+        fm_from: A ``toy2d.py`` JSON to read FM Euler 100 from instead of training it.
+        eval_points: Samples and held-out points per evaluation.
+        **settings: Arguments of :func:`recipe`.
+    """
+    DATASETS.get(dataset)
+    iters = toy2d.ITERATIONS if iters is None else iters
+    points = toy2d.EVAL_POINTS if eval_points is None else eval_points
+    chosen = recipe(**settings)
+    # Check the reference before spending the training on it.
+    fm_sw = None if fm_from is None else fm_reference(fm_from, dataset, seed, iters)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    config = toy2d.ntm_config(
+        transporter_layers=chosen["transporter_layers"],
+        transporter_hidden=chosen["transporter_hidden"],
+    )
+    _, model = toy2d.finetuned_ntm(
+        dataset,
+        iters,
+        seed,
+        pretrain_fraction=chosen["pretrain_fraction"],
+        aux_weight=chosen["aux_weight"],
+        config=config,
+        finetune_lr=chosen["finetune_lr"],
+    )
+    seconds = time.perf_counter() - start
+    per_seed = evaluate(model, dataset, seed, points, NTM_STEPS)
+    sw = {str(steps): sum(values) / len(values) for steps, values in per_seed.items()}
+    fm_record = {"source": str(fm_from)}
+    if fm_sw is None:
+        torch.manual_seed(seed)
+        _, fm = toy2d.fit(toy2d.fm_config().build(), dataset, iters, seed)
+        fm_values = evaluate(fm, dataset, seed, points, [FM_STEPS])[FM_STEPS]
+        fm_sw = sum(fm_values) / len(fm_values)
+        fm_record = {"source": "trained here", "per_sample_seed": fm_values}
+    return {
+        "benchmark": "toy2d_finetune",
+        "dataset": dataset,
+        "seed": seed,
+        "fingerprint": fingerprint(),
+        "settings": {
+            "iterations": iters,
+            "batch_size": toy2d.BATCH,
+            "eval_points": points,
+            "sample_seeds": toy2d.SAMPLE_SEEDS,
+            "recipe": chosen,
+            "changed": changes(chosen),
+        },
+        "finetuned": {
+            "sliced_wasserstein": sw,
+            "sliced_wasserstein_per_sample_seed": {str(s): v for s, v in per_seed.items()},
+            "train_seconds": seconds,
+        },
+        "flow_matching": {"steps": FM_STEPS, "sliced_wasserstein": fm_sw, **fm_record},
+        "targets": [target.as_dict() for target in targets(sw["4"], sw["8"], fm_sw)],
+    }
+
+
+def targets(ft4: float, ft8: float, fm100: float) -> list[Target]:
+    """Item 11's targets that this script can check: FT@4 ≤ FM@100 and FT@8 ≤ FT@4."""
+    return [
+        Target(f"NTM-FT T=4 SW / FM Euler {FM_STEPS} SW", ft4 / fm100, 1.0),
+        Target("NTM-FT T=8 SW / NTM-FT T=4 SW", ft8 / ft4, 1.0),
+    ]
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """One markdown row per result: what changed, SW at each ``T``, FM@100 and the ratios."""
+    rows = []
+    for result in results:
+        sw = result["finetuned"]["sliced_wasserstein"]
+        fm = result["flow_matching"]["sliced_wasserstein"]
+        rows.append({
+            "dataset": result["dataset"],
+            "changed": result["settings"]["changed"],
+            "iters": result["settings"]["iterations"],
+            "FT T=2": sw["2"], "FT T=4": sw["4"], "FT T=8": sw["8"],
+            f"FM {FM_STEPS}": fm,
+            "FT4 / FM100": sw["4"] / fm,
+            "FT8 / FT4": sw["8"] / sw["4"],
+        })  # fmt: skip
+    return markdown_table(rows, list(rows[0]))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="checkerboard", help=f"one of {DATASETS.names()}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iters", type=int, default=None, help=f"default {toy2d.ITERATIONS}")
+    parser.add_argument("--pretrain-fraction", type=float, help="share of FM pretraining")
+    parser.add_argument("--aux-weight", type=float, help="λ of the mean-alignment loss")
+    parser.add_argument("--transporter-layers", type=int, help="spline couplings")
+    parser.add_argument("--transporter-hidden", type=int, nargs="+", help="their widths")
+    parser.add_argument("--finetune-lr", type=float, help="peak learning rate of finetuning")
+    parser.add_argument("--fm-from", metavar="JSON", help="read FM@100 from a toy2d.py result")
+    parser.add_argument("--out", help="JSON file to write")
+    parser.add_argument("--summarize", nargs="+", metavar="JSON", help="summarize result files")
+    args = parser.parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize, summary_table)
+    if not args.out:
+        parser.error("--out is required (or --summarize FILES)")
+    result = run(
+        args.dataset,
+        args.seed,
+        args.iters,
+        fm_from=args.fm_from,
+        pretrain_fraction=args.pretrain_fraction,
+        aux_weight=args.aux_weight,
+        transporter_layers=args.transporter_layers,
+        transporter_hidden=args.transporter_hidden,
+        finetune_lr=args.finetune_lr,
+    )
+    write_json(args.out, result)
+    print(summary_table([result]))
+    sw = result["finetuned"]["sliced_wasserstein"]
+    for target in targets(sw["4"], sw["8"], result["flow_matching"]["sliced_wasserstein"]):
+        print(target.line())
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The finetuning sweep trains the recipe it reports, and compares against the right FM."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from trajflow import NTM
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "toy2d_finetune.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("toy2d_finetune", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_defaults_are_the_toy2d_recipe(sweep):
+    toy2d = sweep.toy2d
+    assert sweep.recipe() == {
+        "pretrain_fraction": toy2d.PRETRAIN_FRACTION,
+        "aux_weight": toy2d.AUX_WEIGHT,
+        "transporter_layers": toy2d.TRANSPORTER_LAYERS,
+        "transporter_hidden": toy2d.TRANSPORTER_HIDDEN,
+        "finetune_lr": toy2d.LR,
+    }
+    assert sweep.changes(sweep.recipe()) == "toy2d.py recipe"
+    changed = sweep.recipe(aux_weight=0.0, transporter_hidden=[128, 128])
+    assert sweep.changes(changed) == "aux_weight=0.0, transporter_hidden=[128, 128]"
+
+
+def test_every_setting_reaches_the_model_and_its_training(sweep, monkeypatch):
+    """Spies on toy2d.fit: the phases' budgets, the finetuning lr and the built NTM."""
+    toy2d = sweep.toy2d
+    calls = []
+
+    def spy_fit(model, dataset, iterations, seed, lr=None):
+        calls.append((model, iterations, lr))
+        return model, model.eval()
+
+    monkeypatch.setattr(toy2d, "fit", spy_fit)
+    result = sweep.run(
+        "two_moons", iters=40, eval_points=50, pretrain_fraction=0.25, aux_weight=0.5,
+        transporter_layers=3, transporter_hidden=[8], finetune_lr=1e-4,
+    )  # fmt: skip
+    (_, pretrain, fm_lr), (ntm, finetune, ft_lr), (_, fm_iters, _) = calls
+    assert (pretrain, finetune, fm_iters) == (10, 30, 40)
+    assert fm_lr is None and ft_lr == 1e-4  # pretraining keeps toy2d's rate
+    assert isinstance(ntm, NTM) and ntm.aux_weight == 0.5 and ntm.aux_steps == 30
+    assert len(ntm.transporter) == 3
+    assert ntm.transporter[0].conditioner[0].out_features == 8  # hidden width [8]
+    assert result["settings"]["recipe"]["transporter_hidden"] == [8]
+    assert result["flow_matching"]["source"] == "trained here"
+
+
+def test_scores_are_means_over_sampling_seeds_and_ratios_follow(sweep, monkeypatch):
+    monkeypatch.setattr(sweep.toy2d, "BATCH", 64)  # a smoke run: the budget's shape only
+    result = sweep.run("eight_gaussians", iters=4, eval_points=200, aux_weight=1.0)
+    sw = result["finetuned"]["sliced_wasserstein"]
+    per_seed = result["finetuned"]["sliced_wasserstein_per_sample_seed"]
+    assert set(sw) == {"2", "4", "8"}
+    for steps, values in per_seed.items():
+        assert len(values) == sweep.toy2d.SAMPLE_SEEDS
+        assert sw[steps] == pytest.approx(sum(values) / len(values))
+    fm = result["flow_matching"]
+    assert fm["sliced_wasserstein"] == pytest.approx(sum(fm["per_sample_seed"]) / 3)
+    ratio, steps = result["targets"]
+    assert ratio["value"] == pytest.approx(sw["4"] / fm["sliced_wasserstein"])
+    assert steps["value"] == pytest.approx(sw["8"] / sw["4"])
+    assert result["settings"]["changed"] == "aux_weight=1.0"
+    assert "aux_weight=1.0" in sweep.summary_table([result])
+
+
+def test_fm_reference_must_match_dataset_seed_and_budget(sweep, tmp_path, monkeypatch):
+    reference = {
+        "dataset": "spirals", "seed": 0, "settings": {"iterations": 2000},
+        "records": [{"method": "flow_matching", "steps": 100, "sliced_wasserstein": 0.035}],
+    }  # fmt: skip
+    path = tmp_path / "toy2d_spirals.json"
+    path.write_text(json.dumps(reference))
+    assert sweep.fm_reference(path, "spirals", 0, 2000) == 0.035
+    for dataset, seed, iters in (("two_moons", 0, 2000), ("spirals", 1, 2000), ("spirals", 0, 9)):
+        with pytest.raises(ValueError, match=r"toy2d_spirals\.json: expected"):
+            sweep.fm_reference(path, dataset, seed, iters)
+    # A wrong reference fails before any training.
+    monkeypatch.setattr(sweep.toy2d, "finetuned_ntm", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match="dataset='two_moons'"):
+        sweep.run("two_moons", iters=2000, fm_from=path)
+
+
+def test_pretraining_fraction_is_validated(sweep):
+    with pytest.raises(ValueError, match=r"pretraining fraction in \(0, 1\), got 1.0"):
+        sweep.toy2d.finetuned_ntm("two_moons", 10, 0, pretrain_fraction=1.0)
