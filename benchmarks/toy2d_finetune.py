@@ -15,8 +15,8 @@ from the ``ntm_finetuned`` row of ``toy2d.py``, which builds the NTM from scratc
 run with no setting changed is the baseline to compare against.
 
 Usage:
-    python benchmarks/toy2d_finetune.py --dataset checkerboard \\
-        --fm-from benchmarks/results/toy2d_checkerboard.json --out out/ft_base.json
+    python benchmarks/toy2d_finetune.py --dataset checkerboard --variant aux0 \\
+        --fm-from benchmarks/results/toy2d_checkerboard.json --out out/ft_aux0.json
     python benchmarks/toy2d_finetune.py --dataset checkerboard --transporter-layers 8 \\
         --transporter-hidden 128 128 --pretrain-fraction 0.25 --out out/ft_big.json
     python benchmarks/toy2d_finetune.py --summarize benchmarks/results/toy2d_finetune_*.json
@@ -43,6 +43,22 @@ from trajflow import DATASETS
 
 #: Step counts the finetuned NTM is sampled at, and flow matching's reference.
 NTM_STEPS, FM_STEPS = [2, 4, 8], 100
+#: The sweep of ``make bench-toy-finetune`` (``--variant NAME``): arguments of :func:`run`.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "aux0": {"aux_weight": 0.0},
+    "pretrain0.25": {"pretrain_fraction": 0.25},
+    "pretrain0.75": {"pretrain_fraction": 0.75},
+    "wide": {"transporter_hidden": [128, 128]},
+    "lr5e-4": {"finetune_lr": 5e-4},
+    "lr4e-3": {"finetune_lr": 4e-3},
+    "deep_wide": {
+        "transporter_layers": 8,
+        "transporter_hidden": [128, 128],
+        "pretrain_fraction": 0.25,
+    },
+    "budget2x": {"iters": 2 * toy2d.ITERATIONS},
+}
 
 
 def recipe(
@@ -197,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dataset", default="checkerboard", help=f"one of {DATASETS.names()}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iters", type=int, default=None, help=f"default {toy2d.ITERATIONS}")
+    parser.add_argument("--variant", choices=list(VARIANTS), help="a named setting of the sweep")
     parser.add_argument("--pretrain-fraction", type=float, help="share of FM pretraining")
     parser.add_argument("--aux-weight", type=float, help="λ of the mean-alignment loss")
     parser.add_argument("--transporter-layers", type=int, help="spline couplings")
@@ -210,17 +227,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return summarize(args.summarize, summary_table)
     if not args.out:
         parser.error("--out is required (or --summarize FILES)")
-    result = run(
-        args.dataset,
-        args.seed,
-        args.iters,
-        fm_from=args.fm_from,
-        pretrain_fraction=args.pretrain_fraction,
-        aux_weight=args.aux_weight,
-        transporter_layers=args.transporter_layers,
-        transporter_hidden=args.transporter_hidden,
-        finetune_lr=args.finetune_lr,
-    )
+    given = {
+        "iters": args.iters,
+        "pretrain_fraction": args.pretrain_fraction,
+        "aux_weight": args.aux_weight,
+        "transporter_layers": args.transporter_layers,
+        "transporter_hidden": args.transporter_hidden,
+        "finetune_lr": args.finetune_lr,
+    }
+    if args.variant:
+        clash = [key for key, value in given.items() if value is not None]
+        if clash:
+            parser.error(f"--variant {args.variant} sets the recipe; drop {clash}")
+        given.update(VARIANTS[args.variant])
+    result = run(args.dataset, args.seed, fm_from=args.fm_from, **given)
+    result["settings"]["variant"] = args.variant
     write_json(args.out, result)
     print(summary_table([result]))
     sw = result["finetuned"]["sliced_wasserstein"]

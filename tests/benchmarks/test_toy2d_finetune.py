@@ -99,3 +99,21 @@ def test_fm_reference_must_match_dataset_seed_and_budget(sweep, tmp_path, monkey
 def test_pretraining_fraction_is_validated(sweep):
     with pytest.raises(ValueError, match=r"pretraining fraction in \(0, 1\), got 1.0"):
         sweep.toy2d.finetuned_ntm("two_moons", 10, 0, pretrain_fraction=1.0)
+
+
+def test_variants_are_runs_of_the_recipe(sweep, tmp_path, monkeypatch, capsys):
+    for name, arguments in sweep.VARIANTS.items():
+        settings = {key: value for key, value in arguments.items() if key != "iters"}
+        assert set(settings) <= set(sweep.recipe()), name
+        assert (sweep.changes(sweep.recipe(**settings)) == "toy2d.py recipe") == (not settings)
+    monkeypatch.setattr(sweep.toy2d, "BATCH", 32)
+    monkeypatch.setattr(sweep.toy2d, "ITERATIONS", 3)
+    monkeypatch.setattr(sweep.toy2d, "EVAL_POINTS", 200)
+    out = tmp_path / "aux0.json"
+    result = sweep.main(["--dataset", "two_moons", "--variant", "aux0", "--out", str(out)])
+    assert json.loads(out.read_text())["settings"]["variant"] == "aux0"
+    assert result["settings"]["recipe"]["aux_weight"] == 0.0
+    assert "NTM-FT T=4 SW / FM Euler 100 SW" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a variant and a conflicting flag
+        sweep.main(["--variant", "aux0", "--aux-weight", "1", "--out", str(out)])
+    assert "drop ['aux_weight']" in capsys.readouterr().err
