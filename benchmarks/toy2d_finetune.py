@@ -19,12 +19,14 @@ Usage:
         --fm-from benchmarks/results/toy2d_checkerboard.json --out out/ft_aux0.json
     python benchmarks/toy2d_finetune.py --dataset checkerboard --transporter-layers 8 \\
         --transporter-hidden 128 128 --pretrain-fraction 0.25 --out out/ft_big.json
-    python benchmarks/toy2d_finetune.py --summarize benchmarks/results/toy2d_finetune_*.json
+    python benchmarks/toy2d_finetune.py --summarize benchmarks/results/toy2d_finetune_*.json \\
+        --plot out/toy2d_finetune.png
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -36,10 +38,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import toy2d
-from _common import Target, fingerprint, markdown_table, summarize, write_json
+from _common import Target, fingerprint, markdown_table, pyplot, write_json
 from toy2d_seeds import evaluate
 
-from trajflow import DATASETS
+from trajflow import DATASETS, sample_dataset
+from trajflow.metrics import sliced_wasserstein
 
 #: Step counts the finetuned NTM is sampled at, and flow matching's reference.
 NTM_STEPS, FM_STEPS = [2, 4, 8], 100
@@ -190,22 +193,69 @@ def targets(ft4: float, ft8: float, fm100: float) -> list[Target]:
     ]
 
 
+@functools.cache
+def data_floor(dataset: str, seed: int, points: int) -> float:
+    """SW of fresh draws of the data against the held-out points: what a perfect model scores.
+
+    The mean over ``toy2d.SAMPLE_SEEDS`` draws, with ``toy2d.py``'s held-out points and
+    projections for ``seed``.
+    """
+    test = sample_dataset(dataset, points, seed=10_000 + seed)
+    values = [
+        sliced_wasserstein(
+            sample_dataset(dataset, points, seed=20_000 + seed + index),
+            test,
+            generator=torch.Generator().manual_seed(seed + 1),
+        )
+        for index in range(toy2d.SAMPLE_SEEDS)
+    ]
+    return sum(values) / len(values)
+
+
 def summary_table(results: list[dict[str, Any]]) -> str:
-    """One markdown row per result: what changed, SW at each ``T``, FM@100 and the ratios."""
+    """One markdown row per result: what changed, SW at each ``T``, FM@100, floor, ratios."""
     rows = []
     for result in results:
         sw = result["finetuned"]["sliced_wasserstein"]
         fm = result["flow_matching"]["sliced_wasserstein"]
+        settings = result["settings"]
+        floor = data_floor(result["dataset"], result["seed"], settings["eval_points"])
         rows.append({
             "dataset": result["dataset"],
-            "changed": result["settings"]["changed"],
-            "iters": result["settings"]["iterations"],
+            "variant": settings.get("variant") or "-",
+            "changed": settings["changed"],
+            "iters": settings["iterations"],
             "FT T=2": sw["2"], "FT T=4": sw["4"], "FT T=8": sw["8"],
             f"FM {FM_STEPS}": fm,
+            "data floor": floor,
             "FT4 / FM100": sw["4"] / fm,
             "FT8 / FT4": sw["8"] / sw["4"],
         })  # fmt: skip
     return markdown_table(rows, list(rows[0]))
+
+
+def plot(results: list[dict[str, Any]], path: str | Path) -> None:
+    """Bars of FT@4 and FT@8 per result, FM@100 of the same budget and the data's floor."""
+    plt = pyplot()
+    if plt is None:
+        return
+    labels = [r["settings"].get("variant") or r["settings"]["changed"] for r in results]
+    positions = range(len(results))
+    figure, axes = plt.subplots(figsize=(1.1 * len(results) + 2, 3.6))
+    for offset, steps in ((-0.2, "4"), (0.2, "8")):
+        heights = [r["finetuned"]["sliced_wasserstein"][steps] for r in results]
+        axes.bar([x + offset for x in positions], heights, width=0.4, label=f"FT T={steps}")
+    fm = [r["flow_matching"]["sliced_wasserstein"] for r in results]
+    axes.scatter(positions, fm, marker="_", s=900, color="black", label=f"FM Euler {FM_STEPS}")
+    floor = [data_floor(r["dataset"], r["seed"], r["settings"]["eval_points"]) for r in results]
+    axes.scatter(positions, floor, marker="_", s=900, color="grey", label="data vs data")
+    axes.set_xticks(list(positions), labels, rotation=30, ha="right")
+    axes.set_ylabel("sliced Wasserstein")
+    axes.set_title(f"finetuned NTM, one recipe setting changed ({results[0]['dataset']})")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -222,9 +272,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fm-from", metavar="JSON", help="read FM@100 from a toy2d.py result")
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--summarize", nargs="+", metavar="JSON", help="summarize result files")
+    parser.add_argument("--plot", metavar="PNG", help="with --summarize: a bar chart")
     args = parser.parse_args(argv)
     if args.summarize:
-        return summarize(args.summarize, summary_table)
+        results = [json.loads(Path(name).read_text()) for name in args.summarize]
+        print(summary_table(results))
+        if args.plot:
+            plot(results, args.plot)
+        return {"summary": results}
     if not args.out:
         parser.error("--out is required (or --summarize FILES)")
     given = {

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from trajflow import NTM
 
@@ -117,3 +118,25 @@ def test_variants_are_runs_of_the_recipe(sweep, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):  # a variant and a conflicting flag
         sweep.main(["--variant", "aux0", "--aux-weight", "1", "--out", str(out)])
     assert "drop ['aux_weight']" in capsys.readouterr().err
+
+
+def test_data_floor_is_the_metric_between_two_draws_of_the_data(sweep):
+    floor = sweep.data_floor("two_moons", 0, 2000)
+    test = sweep.sample_dataset("two_moons", 2000, seed=10_000)
+    shifted = sweep.sample_dataset("two_moons", 2000, seed=20_000) + 0.1
+    projections = torch.Generator().manual_seed(1)
+    assert 0 < floor < sweep.sliced_wasserstein(shifted, test, generator=projections)
+
+
+def test_summary_lists_each_run_and_plots_them(sweep, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep.toy2d, "BATCH", 32)
+    paths = []
+    for name, aux in (("a.json", 0.0), ("b.json", 1.0)):
+        result = sweep.run("two_moons", iters=2, eval_points=100, aux_weight=aux)
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(result))
+    png = tmp_path / "sweep.png"
+    sweep.main(["--summarize", *map(str, paths), "--plot", str(png)])
+    table = capsys.readouterr().out
+    assert "aux_weight=0.0" in table and "aux_weight=1.0" in table and "data floor" in table
+    assert png.stat().st_size > 0
