@@ -213,9 +213,18 @@ def data_floor(dataset: str, seed: int, points: int) -> float:
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
-    """One markdown row per result: what changed, SW at each ``T``, FM@100, floor, ratios."""
+    """One markdown row per result: what changed, SW at each ``T``, FM@100, floor, ratios.
+
+    Rows are ordered by dataset, then as in :data:`VARIANTS` (runs without a variant last).
+    """
+    order = list(VARIANTS)
+
+    def key(result: dict[str, Any]) -> tuple[str, int]:
+        variant = result["settings"].get("variant")
+        return result["dataset"], order.index(variant) if variant in order else len(order)
+
     rows = []
-    for result in results:
+    for result in sorted(results, key=key):
         sw = result["finetuned"]["sliced_wasserstein"]
         fm = result["flow_matching"]["sliced_wasserstein"]
         settings = result["settings"]
