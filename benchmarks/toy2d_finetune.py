@@ -193,6 +193,17 @@ def targets(ft4: float, ft8: float, fm100: float) -> list[Target]:
     ]
 
 
+def in_sweep_order(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``results`` by dataset, then as in :data:`VARIANTS` (runs without a variant last)."""
+    order = list(VARIANTS)
+
+    def key(result: dict[str, Any]) -> tuple[str, int]:
+        variant = result["settings"].get("variant")
+        return result["dataset"], order.index(variant) if variant in order else len(order)
+
+    return sorted(results, key=key)
+
+
 @functools.cache
 def data_floor(dataset: str, seed: int, points: int) -> float:
     """SW of fresh draws of the data against the held-out points: what a perfect model scores.
@@ -213,18 +224,9 @@ def data_floor(dataset: str, seed: int, points: int) -> float:
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
-    """One markdown row per result: what changed, SW at each ``T``, FM@100, floor, ratios.
-
-    Rows are ordered by dataset, then as in :data:`VARIANTS` (runs without a variant last).
-    """
-    order = list(VARIANTS)
-
-    def key(result: dict[str, Any]) -> tuple[str, int]:
-        variant = result["settings"].get("variant")
-        return result["dataset"], order.index(variant) if variant in order else len(order)
-
+    """One markdown row per result: what changed, SW at each ``T``, FM@100, floor, ratios."""
     rows = []
-    for result in sorted(results, key=key):
+    for result in in_sweep_order(results):
         sw = result["finetuned"]["sliced_wasserstein"]
         fm = result["flow_matching"]["sliced_wasserstein"]
         settings = result["settings"]
@@ -248,6 +250,7 @@ def plot(results: list[dict[str, Any]], path: str | Path) -> None:
     plt = pyplot()
     if plt is None:
         return
+    results = in_sweep_order(results)
     labels = [r["settings"].get("variant") or r["settings"]["changed"] for r in results]
     positions = range(len(results))
     figure, axes = plt.subplots(figsize=(1.1 * len(results) + 2, 3.6))
@@ -261,7 +264,8 @@ def plot(results: list[dict[str, Any]], path: str | Path) -> None:
     axes.set_xticks(list(positions), labels, rotation=30, ha="right")
     axes.set_ylabel("sliced Wasserstein")
     axes.set_title(f"finetuned NTM, one recipe setting changed ({results[0]['dataset']})")
-    axes.legend(fontsize="small")
+    axes.set_ylim(0, 1.3 * axes.get_ylim()[1])  # room for the legend above the bars
+    axes.legend(fontsize="small", ncol=4, loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -140,3 +140,13 @@ def test_summary_lists_each_run_and_plots_them(sweep, tmp_path, monkeypatch, cap
     table = capsys.readouterr().out
     assert "aux_weight=0.0" in table and "aux_weight=1.0" in table and "data floor" in table
     assert png.stat().st_size > 0
+
+
+def test_the_results_page_shows_the_committed_sweep(sweep):
+    """The table on the toy results page is the summary of the committed JSON files."""
+    root = SCRIPT.parents[1]
+    files = sorted((root / "benchmarks" / "results").glob("toy2d_finetune_checkerboard_*.json"))
+    assert {path.stem.split("checkerboard_")[1] for path in files} == set(sweep.VARIANTS)
+    results = [json.loads(path.read_text()) for path in reversed(files)]  # order-independent
+    page = (root / "docs" / "toy_results.md").read_text()
+    assert sweep.summary_table(results) in page
