@@ -32,6 +32,7 @@ def test_defaults_are_the_toy2d_recipe(sweep):
         "transporter_layers": toy2d.TRANSPORTER_LAYERS,
         "transporter_hidden": toy2d.TRANSPORTER_HIDDEN,
         "finetune_lr": toy2d.LR,
+        "grid_shift": 0.0,
     }
     assert sweep.changes(sweep.recipe()) == "toy2d.py recipe"
     changed = sweep.recipe(aux_weight=0.0, transporter_hidden=[128, 128])
@@ -50,7 +51,7 @@ def test_every_setting_reaches_the_model_and_its_training(sweep, monkeypatch):
     monkeypatch.setattr(toy2d, "fit", spy_fit)
     result = sweep.run(
         "two_moons", iters=40, eval_points=50, pretrain_fraction=0.25, aux_weight=0.5,
-        transporter_layers=3, transporter_hidden=[8], finetune_lr=1e-4,
+        transporter_layers=3, transporter_hidden=[8], finetune_lr=1e-4, grid_shift=-0.5,
     )  # fmt: skip
     (_, pretrain, fm_lr), (ntm, finetune, ft_lr), (_, fm_iters, _) = calls
     assert (pretrain, finetune, fm_iters) == (10, 30, 40)
@@ -59,6 +60,12 @@ def test_every_setting_reaches_the_model_and_its_training(sweep, monkeypatch):
     assert len(ntm.transporter) == 3
     assert ntm.transporter[0].conditioner[0].out_features == 8  # hidden width [8]
     assert result["settings"]["recipe"]["transporter_hidden"] == [8]
+    # μ = -0.5 puts the levels of T = 4 closer to the data: about 0.168, 0.378, 0.645, 1.
+    assert (ntm.schedule.grid, ntm.schedule.shift) == ("shifted", -0.5)
+    levels = ntm.grid(4, torch.tensor([1e-3]))[0, 1:]
+    shift, k = torch.tensor(-0.5).exp(), torch.arange(1, 5)
+    expected = (shift / (shift + 4 / k - 1)).to(levels.dtype)
+    assert torch.allclose(levels, expected, atol=1e-4)
     assert result["flow_matching"]["source"] == "trained here"
 
 
@@ -102,6 +109,13 @@ def test_pretraining_fraction_is_validated(sweep):
         sweep.toy2d.finetuned_ntm("two_moons", 10, 0, pretrain_fraction=1.0)
 
 
+def test_a_grid_too_close_to_the_data_fails_before_training(sweep, monkeypatch):
+    """μ = -1 puts t_1 of T = 8 at 0.0499, below t_min_high = 0.05: an error, not a crash."""
+    monkeypatch.setattr(sweep.toy2d, "fit", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=r"t_min_high .* must lie below t_1 = 0\.04993"):
+        sweep.run("two_moons", iters=10, grid_shift=-1.0)
+
+
 def test_variants_are_runs_of_the_recipe(sweep, tmp_path, monkeypatch, capsys):
     for name, arguments in sweep.VARIANTS.items():
         settings = {key: value for key, value in arguments.items() if key != "iters"}
@@ -143,10 +157,20 @@ def test_summary_lists_each_run_and_plots_them(sweep, tmp_path, monkeypatch, cap
 
 
 def test_the_results_page_shows_the_committed_sweep(sweep):
-    """The table on the toy results page is the summary of the committed JSON files."""
+    """The tables on the toy results page are the summaries of the committed JSON files."""
     root = SCRIPT.parents[1]
-    files = sorted((root / "benchmarks" / "results").glob("toy2d_finetune_checkerboard_*.json"))
-    assert {path.stem.split("checkerboard_")[1] for path in files} == set(sweep.VARIANTS)
-    results = [json.loads(path.read_text()) for path in reversed(files)]  # order-independent
     page = (root / "docs" / "toy_results.md").read_text()
-    assert sweep.summary_table(results) in page
+    for dataset in ("checkerboard", "spirals"):
+        files = sorted((root / "benchmarks" / "results").glob(f"toy2d_finetune_{dataset}_*.json"))
+        if dataset == "checkerboard":  # the whole sweep of make bench-toy-finetune
+            assert {path.stem.split(f"{dataset}_")[1] for path in files} == set(sweep.VARIANTS)
+        results = [json.loads(path.read_text()) for path in reversed(files)]  # any file order
+        assert sweep.summary_table(results) in page, dataset
+
+
+def test_make_target_runs_every_variant(sweep):
+    makefile = (SCRIPT.parents[1] / "Makefile").read_text()
+    (line,) = [line for line in makefile.splitlines() if line.startswith("FT_VARIANTS =")]
+    # budget2x has its own line: it trains its FM reference instead of reading bench-toy's.
+    assert [*line.split("=")[1].split(), "budget2x"] == list(sweep.VARIANTS)
+    assert "--variant budget2x" in makefile
