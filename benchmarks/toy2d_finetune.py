@@ -110,15 +110,16 @@ def changes(settings: dict[str, Any]) -> str:
 def fm_reference(path: str | Path, dataset: str, seed: int, iters: int) -> float:
     """FM Euler-100 SW from a ``toy2d.py`` result, checked to be the same dataset and budget."""
     result = json.loads(Path(path).read_text())
-    found = (result.get("dataset"), result.get("seed"), result["settings"]["iterations"])
+    iterations = result.get("settings", {}).get("iterations")
+    found = (result.get("dataset"), result.get("seed"), iterations)
     if found != (dataset, seed, iters):
         raise ValueError(
             f"{path}: expected a toy2d.py result for dataset={dataset!r}, seed={seed}, "
             f"iterations={iters}; it holds dataset={found[0]!r}, seed={found[1]}, "
             f"iterations={found[2]}"
         )
-    for record in result["records"]:
-        if record["method"] == "flow_matching" and record["steps"] == FM_STEPS:
+    for record in result.get("records", []):
+        if record.get("method") == "flow_matching" and record.get("steps") == FM_STEPS:
             return record["sliced_wasserstein"]
     raise ValueError(f"{path}: no flow_matching record with {FM_STEPS} steps")
 

@@ -98,6 +98,13 @@ def test_fm_reference_must_match_dataset_seed_and_budget(sweep, tmp_path, monkey
     for dataset, seed, iters in (("two_moons", 0, 2000), ("spirals", 1, 2000), ("spirals", 0, 9)):
         with pytest.raises(ValueError, match=r"toy2d_spirals\.json: expected"):
             sweep.fm_reference(path, dataset, seed, iters)
+    path.write_text(json.dumps({"dataset": "spirals", "seed": 0}))  # not a toy2d.py result
+    with pytest.raises(ValueError, match="it holds dataset='spirals', seed=0, iterations=None"):
+        sweep.fm_reference(path, "spirals", 0, 2000)
+    path.write_text(json.dumps({**reference, "records": []}))
+    with pytest.raises(ValueError, match="no flow_matching record with 100 steps"):
+        sweep.fm_reference(path, "spirals", 0, 2000)
+    path.write_text(json.dumps(reference))
     # A wrong reference fails before any training.
     monkeypatch.setattr(sweep.toy2d, "finetuned_ntm", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(ValueError, match="dataset='two_moons'"):
