@@ -4,11 +4,11 @@
 :meth:`~trajflow.ntm.NTM.from_flow_matching` with the mean-alignment loss for the other half)
 misses "four NTM steps ≤ a hundred Euler steps" on every dataset. This script trains that row
 with one or more settings of the recipe replaced (pretraining share, auxiliary weight,
-transporter depth and width, finetuning learning rate, time grid, budget) and reports sliced
-Wasserstein at ``T = 2, 4, 8`` (the means over ``toy2d.SAMPLE_SEEDS`` sampling seeds, on the
-held-out points of ``toy2d.py``), beside flow matching with 100 Euler steps at the same
-budget: trained here, or read from a ``toy2d.py`` result of the same dataset, seed and budget
-(``--fm-from``), which saves its training.
+transporter depth and width, finetuning learning rate, time grid, training mode, budget) and
+reports sliced Wasserstein at ``T = 2, 4, 8`` (the means over ``toy2d.SAMPLE_SEEDS`` sampling
+seeds, on the held-out points of ``toy2d.py``), beside flow matching with 100 Euler steps at the
+same budget: trained here, or read from a ``toy2d.py`` result of the same dataset, seed and
+budget (``--fm-from``), which saves its training.
 
 The model is built right after ``torch.manual_seed(seed)``, so its initial weights differ
 from the ``ntm_finetuned`` row of ``toy2d.py``, which builds the NTM from scratch first; the
@@ -42,6 +42,7 @@ from _common import Target, fingerprint, markdown_table, pyplot, write_json
 from toy2d_seeds import evaluate
 
 from trajflow import DATASETS, sample_dataset
+from trajflow.config import ModelConfig
 from trajflow.metrics import sliced_wasserstein
 from trajflow.schedules import ScheduleConfig
 
@@ -63,6 +64,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "transporter_hidden": [128, 128],
         "pretrain_fraction": 0.25,
     },
+    "e2e": {"mode": "end_to_end"},
+    "e2e_shift-0.75": {"mode": "end_to_end", "grid_shift": -0.75},
     "budget2x": {"iters": 2 * toy2d.ITERATIONS},
 }
 
@@ -74,12 +77,15 @@ def recipe(
     transporter_hidden: list[int] | None = None,
     finetune_lr: float | None = None,
     grid_shift: float | None = None,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """Every setting of the recipe, ``toy2d.py``'s where an argument is ``None``.
 
     ``grid_shift`` μ ≠ 0 trains and samples on the shifted time grid of
     :class:`~trajflow.schedules.ShiftedGrid` (μ < 0: levels closer to the data) instead of
-    the uniform one.
+    the uniform one. ``mode="end_to_end"`` scores every transition of each trajectory in
+    the finetuning phase instead of one random pair (``"pairwise"``): as many batches, about
+    ``T`` times the predictor work per step.
     """
     given = {
         "pretrain_fraction": pretrain_fraction,
@@ -88,6 +94,7 @@ def recipe(
         "transporter_hidden": None if transporter_hidden is None else list(transporter_hidden),
         "finetune_lr": finetune_lr,
         "grid_shift": grid_shift,
+        "mode": mode,
     }
     default = {
         "pretrain_fraction": toy2d.PRETRAIN_FRACTION,
@@ -96,6 +103,7 @@ def recipe(
         "transporter_hidden": list(toy2d.TRANSPORTER_HIDDEN),
         "finetune_lr": toy2d.LR,
         "grid_shift": 0.0,
+        "mode": toy2d.ntm_config().mode,
     }
     return {key: default[key] if value is None else value for key, value in given.items()}
 
@@ -155,9 +163,10 @@ def run(
         transporter_layers=chosen["transporter_layers"],
         transporter_hidden=chosen["transporter_hidden"],
     )
+    # Validated (model_copy would not be): a bad mode or a grid whose t_1 falls below t_min
+    # fails here, not after the pretraining.
+    config = ModelConfig.model_validate({**config.model_dump(), "mode": chosen["mode"]})
     if chosen["grid_shift"]:
-        # Validated (model_copy would not be): a grid whose t_1 falls below t_min fails here,
-        # not after the pretraining.
         shifted = {**config.schedule.model_dump(), "grid": "shifted", "shift": chosen["grid_shift"]}
         config = config.model_copy(update={"schedule": ScheduleConfig.model_validate(shifted)})
     _, model = toy2d.finetuned_ntm(
@@ -300,6 +309,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--transporter-hidden", type=int, nargs="+", help="their widths")
     parser.add_argument("--finetune-lr", type=float, help="peak learning rate of finetuning")
     parser.add_argument("--grid-shift", type=float, help="μ of a shifted time grid (0: uniform)")
+    parser.add_argument(
+        "--mode", choices=["pairwise", "end_to_end"], help="transitions scored per trajectory"
+    )
     parser.add_argument("--fm-from", metavar="JSON", help="read FM@100 from a toy2d.py result")
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--summarize", nargs="+", metavar="JSON", help="summarize result files")
@@ -321,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "transporter_hidden": args.transporter_hidden,
         "finetune_lr": args.finetune_lr,
         "grid_shift": args.grid_shift,
+        "mode": args.mode,
     }
     if args.variant:
         clash = [key for key, value in given.items() if value is not None]
