@@ -33,6 +33,7 @@ def test_defaults_are_the_toy2d_recipe(sweep):
         "transporter_hidden": toy2d.TRANSPORTER_HIDDEN,
         "finetune_lr": toy2d.LR,
         "grid_shift": 0.0,
+        "mode": "pairwise",
     }
     assert sweep.changes(sweep.recipe()) == "toy2d.py recipe"
     changed = sweep.recipe(aux_weight=0.0, transporter_hidden=[128, 128])
@@ -52,11 +53,13 @@ def test_every_setting_reaches_the_model_and_its_training(sweep, monkeypatch):
     result = sweep.run(
         "two_moons", iters=40, eval_points=50, pretrain_fraction=0.25, aux_weight=0.5,
         transporter_layers=3, transporter_hidden=[8], finetune_lr=1e-4, grid_shift=-0.5,
+        mode="end_to_end",
     )  # fmt: skip
     (_, pretrain, fm_lr), (ntm, finetune, ft_lr), (_, fm_iters, _) = calls
     assert (pretrain, finetune, fm_iters) == (10, 30, 40)
     assert fm_lr is None and ft_lr == 1e-4  # pretraining keeps toy2d's rate
     assert isinstance(ntm, NTM) and ntm.aux_weight == 0.5 and ntm.aux_steps == 30
+    assert ntm.mode == "end_to_end"
     assert len(ntm.transporter) == 3
     assert ntm.transporter[0].conditioner[0].out_features == 8  # hidden width [8]
     assert result["settings"]["recipe"]["transporter_hidden"] == [8]
@@ -123,6 +126,12 @@ def test_a_grid_too_close_to_the_data_fails_before_training(sweep, monkeypatch):
         sweep.run("two_moons", iters=10, grid_shift=-1.0)
 
 
+def test_an_unknown_mode_fails_before_training(sweep, monkeypatch):
+    monkeypatch.setattr(sweep.toy2d, "fit", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=r"mode\s+Input should be 'end_to_end' or 'pairwise'"):
+        sweep.run("two_moons", iters=10, mode="every_pair")
+
+
 def test_variants_are_runs_of_the_recipe(sweep, tmp_path, monkeypatch, capsys):
     for name, arguments in sweep.VARIANTS.items():
         settings = {key: value for key, value in arguments.items() if key != "iters"}
@@ -167,12 +176,24 @@ def test_the_results_page_shows_the_committed_sweep(sweep):
     """The tables on the toy results page are the summaries of the committed JSON files."""
     root = SCRIPT.parents[1]
     page = (root / "docs" / "toy_results.md").read_text()
-    for dataset in ("checkerboard", "spirals"):
-        files = sorted((root / "benchmarks" / "results").glob(f"toy2d_finetune_{dataset}_*.json"))
-        if dataset == "checkerboard":  # the whole sweep of make bench-toy-finetune
-            assert {path.stem.split(f"{dataset}_")[1] for path in files} == set(sweep.VARIANTS)
-        results = [json.loads(path.read_text()) for path in reversed(files)]  # any file order
-        assert sweep.summary_table(results) in page, dataset
+    results = root / "benchmarks" / "results"
+    tables = {
+        dataset: sorted(results.glob(f"toy2d_finetune_{dataset}_*.json"))
+        for dataset in ("checkerboard", "spirals")
+    }
+    # The whole sweep of make bench-toy-finetune on checkerboard.
+    variants = {path.stem.split("checkerboard_")[1] for path in tables["checkerboard"]}
+    assert variants == set(sweep.VARIANTS)
+    # The end-to-end variant on every dataset.
+    tables["end_to_end"] = sorted(results.glob("toy2d_finetune_*_e2e.json"))
+    found = {
+        path.stem.removeprefix("toy2d_finetune_").removesuffix("_e2e")
+        for path in tables["end_to_end"]
+    }
+    assert found == {"checkerboard", "eight_gaussians", "pinwheel", "spirals", "two_moons"}
+    for name, files in tables.items():
+        runs = [json.loads(path.read_text()) for path in reversed(files)]  # any file order
+        assert sweep.summary_table(runs) in page, name
 
 
 def test_make_target_runs_every_variant(sweep):
