@@ -44,7 +44,6 @@ from toy2d_seeds import evaluate
 from trajflow import DATASETS, sample_dataset
 from trajflow.config import ModelConfig
 from trajflow.metrics import sliced_wasserstein
-from trajflow.schedules import ScheduleConfig
 
 #: Step counts the finetuned NTM is sampled at, and flow matching's reference.
 NTM_STEPS, FM_STEPS = [2, 4, 8], 100
@@ -163,12 +162,14 @@ def run(
         transporter_layers=chosen["transporter_layers"],
         transporter_hidden=chosen["transporter_hidden"],
     )
+    changed = {"mode": chosen["mode"]}
+    if chosen["grid_shift"]:
+        changed["schedule"] = {
+            **config.schedule.model_dump(), "grid": "shifted", "shift": chosen["grid_shift"]
+        }  # fmt: skip
     # Validated (model_copy would not be): a bad mode or a grid whose t_1 falls below t_min
     # fails here, not after the pretraining.
-    config = ModelConfig.model_validate({**config.model_dump(), "mode": chosen["mode"]})
-    if chosen["grid_shift"]:
-        shifted = {**config.schedule.model_dump(), "grid": "shifted", "shift": chosen["grid_shift"]}
-        config = config.model_copy(update={"schedule": ScheduleConfig.model_validate(shifted)})
+    config = ModelConfig.model_validate({**config.model_dump(), **changed})
     _, model = toy2d.finetuned_ntm(
         dataset,
         iters,
