@@ -65,6 +65,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "e2e": {"mode": "end_to_end"},
     "e2e_shift-0.75": {"mode": "end_to_end", "grid_shift": -0.75},
+    "e2e_steps4-8": {"mode": "end_to_end", "train_steps": [4, 8]},
+    "e2e_bins32": {"mode": "end_to_end", "transporter_bins": 32},
+    "e2e_deep_wide": {
+        "mode": "end_to_end",
+        "transporter_layers": 8,
+        "transporter_hidden": [128, 128],
+    },
     "budget2x": {"iters": 2 * toy2d.ITERATIONS},
 }
 
@@ -74,9 +81,11 @@ def recipe(
     aux_weight: float | None = None,
     transporter_layers: int | None = None,
     transporter_hidden: list[int] | None = None,
+    transporter_bins: int | None = None,
     finetune_lr: float | None = None,
     grid_shift: float | None = None,
     mode: str | None = None,
+    train_steps: list[int] | None = None,
 ) -> dict[str, Any]:
     """Every setting of the recipe, ``toy2d.py``'s where an argument is ``None``.
 
@@ -84,25 +93,31 @@ def recipe(
     :class:`~trajflow.schedules.ShiftedGrid` (μ < 0: levels closer to the data) instead of
     the uniform one. ``mode="end_to_end"`` scores every transition of each trajectory in
     the finetuning phase instead of one random pair (``"pairwise"``): as many batches, about
-    ``T`` times the predictor work per step.
+    ``T`` times the predictor work per step. ``train_steps`` is the set of ``T`` drawn in
+    finetuning (``toy2d.py``: 2, 4 and 8); ``T = 2`` left out, the model's capacity and
+    batches go to the step counts the targets compare.
     """
     given = {
         "pretrain_fraction": pretrain_fraction,
         "aux_weight": aux_weight,
         "transporter_layers": transporter_layers,
         "transporter_hidden": None if transporter_hidden is None else list(transporter_hidden),
+        "transporter_bins": transporter_bins,
         "finetune_lr": finetune_lr,
         "grid_shift": grid_shift,
         "mode": mode,
+        "train_steps": None if train_steps is None else sorted(train_steps),
     }
     default = {
         "pretrain_fraction": toy2d.PRETRAIN_FRACTION,
         "aux_weight": toy2d.AUX_WEIGHT,
         "transporter_layers": toy2d.TRANSPORTER_LAYERS,
         "transporter_hidden": list(toy2d.TRANSPORTER_HIDDEN),
+        "transporter_bins": toy2d.ntm_config().transporter[0].kwargs["bins"],
         "finetune_lr": toy2d.LR,
         "grid_shift": 0.0,
         "mode": toy2d.ntm_config().mode,
+        "train_steps": list(toy2d.TRAIN_STEPS),
     }
     return {key: default[key] if value is None else value for key, value in given.items()}
 
@@ -161,15 +176,16 @@ def run(
     config = toy2d.ntm_config(
         transporter_layers=chosen["transporter_layers"],
         transporter_hidden=chosen["transporter_hidden"],
-    )
-    changed = {"mode": chosen["mode"]}
+    ).model_dump()
+    for spec in config["transporter"]:
+        spec["kwargs"]["bins"] = chosen["transporter_bins"]
+    config["mode"] = chosen["mode"]
+    config["schedule"]["steps"] = chosen["train_steps"]
     if chosen["grid_shift"]:
-        changed["schedule"] = {
-            **config.schedule.model_dump(), "grid": "shifted", "shift": chosen["grid_shift"]
-        }  # fmt: skip
+        config["schedule"].update(grid="shifted", shift=chosen["grid_shift"])
     # Validated (model_copy would not be): a bad mode or a grid whose t_1 falls below t_min
     # fails here, not after the pretraining.
-    config = ModelConfig.model_validate({**config.model_dump(), **changed})
+    config = ModelConfig.model_validate(config)
     _, model = toy2d.finetuned_ntm(
         dataset,
         iters,
@@ -308,10 +324,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--aux-weight", type=float, help="λ of the mean-alignment loss")
     parser.add_argument("--transporter-layers", type=int, help="spline couplings")
     parser.add_argument("--transporter-hidden", type=int, nargs="+", help="their widths")
+    parser.add_argument("--transporter-bins", type=int, help="bins of each spline")
     parser.add_argument("--finetune-lr", type=float, help="peak learning rate of finetuning")
     parser.add_argument("--grid-shift", type=float, help="μ of a shifted time grid (0: uniform)")
     parser.add_argument(
         "--mode", choices=["pairwise", "end_to_end"], help="transitions scored per trajectory"
+    )
+    parser.add_argument(
+        "--train-steps", type=int, nargs="+", help="the step counts T drawn in finetuning"
     )
     parser.add_argument("--fm-from", metavar="JSON", help="read FM@100 from a toy2d.py result")
     parser.add_argument("--out", help="JSON file to write")
@@ -332,9 +352,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "aux_weight": args.aux_weight,
         "transporter_layers": args.transporter_layers,
         "transporter_hidden": args.transporter_hidden,
+        "transporter_bins": args.transporter_bins,
         "finetune_lr": args.finetune_lr,
         "grid_shift": args.grid_shift,
         "mode": args.mode,
+        "train_steps": args.train_steps,
     }
     if args.variant:
         clash = [key for key, value in given.items() if value is not None]

@@ -31,9 +31,11 @@ def test_defaults_are_the_toy2d_recipe(sweep):
         "aux_weight": toy2d.AUX_WEIGHT,
         "transporter_layers": toy2d.TRANSPORTER_LAYERS,
         "transporter_hidden": toy2d.TRANSPORTER_HIDDEN,
+        "transporter_bins": 8,
         "finetune_lr": toy2d.LR,
         "grid_shift": 0.0,
         "mode": "pairwise",
+        "train_steps": toy2d.TRAIN_STEPS,
     }
     assert sweep.changes(sweep.recipe()) == "toy2d.py recipe"
     changed = sweep.recipe(aux_weight=0.0, transporter_hidden=[128, 128])
@@ -52,16 +54,18 @@ def test_every_setting_reaches_the_model_and_its_training(sweep, monkeypatch):
     monkeypatch.setattr(toy2d, "fit", spy_fit)
     result = sweep.run(
         "two_moons", iters=40, eval_points=50, pretrain_fraction=0.25, aux_weight=0.5,
-        transporter_layers=3, transporter_hidden=[8], finetune_lr=1e-4, grid_shift=-0.5,
-        mode="end_to_end",
+        transporter_layers=3, transporter_hidden=[8], transporter_bins=5, finetune_lr=1e-4, grid_shift=-0.5,
+        mode="end_to_end", train_steps=[8, 4],
     )  # fmt: skip
     (_, pretrain, fm_lr), (ntm, finetune, ft_lr), (_, fm_iters, _) = calls
     assert (pretrain, finetune, fm_iters) == (10, 30, 40)
     assert fm_lr is None and ft_lr == 1e-4  # pretraining keeps toy2d's rate
     assert isinstance(ntm, NTM) and ntm.aux_weight == 0.5 and ntm.aux_steps == 30
     assert ntm.mode == "end_to_end"
+    assert ntm.schedule.steps == [4, 8] and result["settings"]["recipe"]["train_steps"] == [4, 8]
     assert len(ntm.transporter) == 3
     assert ntm.transporter[0].conditioner[0].out_features == 8  # hidden width [8]
+    assert {block.bins for block in ntm.transporter} == {5}
     assert result["settings"]["recipe"]["transporter_hidden"] == [8]
     # μ = -0.5 puts the levels of T = 4 closer to the data: about 0.168, 0.378, 0.645, 1.
     assert (ntm.schedule.grid, ntm.schedule.shift) == ("shifted", -0.5)
@@ -130,6 +134,12 @@ def test_an_unknown_mode_fails_before_training(sweep, monkeypatch):
     monkeypatch.setattr(sweep.toy2d, "fit", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(ValueError, match=r"mode\s+Input should be 'end_to_end' or 'pairwise'"):
         sweep.run("two_moons", iters=10, mode="every_pair")
+
+
+def test_a_bad_step_set_fails_before_training(sweep, monkeypatch):
+    monkeypatch.setattr(sweep.toy2d, "fit", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=r"steps must be a non-empty list of positive integers"):
+        sweep.run("two_moons", iters=10, train_steps=[0, 4])
 
 
 def test_variants_are_runs_of_the_recipe(sweep, tmp_path, monkeypatch, capsys):
