@@ -87,7 +87,7 @@ bench-toy-seeds: $(VENV)/.dev-installed
 # moves four-step quality? About 6 minutes per variant on 2 cores (budget2x: 20). FM@100 comes
 # from bench-toy's result of the same budget; budget2x trains its own.
 FT_DATASET ?= checkerboard
-FT_VARIANTS = base aux0 pretrain0.25 pretrain0.75 wide lr5e-4 lr4e-3 shift-0.5 shift-0.75 deep_wide e2e e2e_shift-0.75 e2e_steps4-8 e2e_bins32 e2e_deep_wide
+FT_VARIANTS = base aux0 pretrain0.25 pretrain0.75 wide lr5e-4 lr4e-3 shift-0.5 shift-0.75 deep_wide e2e e2e_shift-0.75 e2e_steps4-8 e2e_shift-0.75_steps4-8 e2e_bins32 e2e_deep_wide
 bench-toy-finetune: $(VENV)/.dev-installed
 	mkdir -p benchmarks/results
 	for variant in $(FT_VARIANTS); do \

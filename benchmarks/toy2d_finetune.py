@@ -66,6 +66,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "e2e": {"mode": "end_to_end"},
     "e2e_shift-0.75": {"mode": "end_to_end", "grid_shift": -0.75},
     "e2e_steps4-8": {"mode": "end_to_end", "train_steps": [4, 8]},
+    "e2e_shift-0.75_steps4-8": {"mode": "end_to_end", "grid_shift": -0.75, "train_steps": [4, 8]},
     "e2e_bins32": {"mode": "end_to_end", "transporter_bins": 32},
     "e2e_deep_wide": {
         "mode": "end_to_end",
