@@ -54,8 +54,8 @@ def test_every_setting_reaches_the_model_and_its_training(sweep, monkeypatch):
     monkeypatch.setattr(toy2d, "fit", spy_fit)
     result = sweep.run(
         "two_moons", iters=40, eval_points=50, pretrain_fraction=0.25, aux_weight=0.5,
-        transporter_layers=3, transporter_hidden=[8], transporter_bins=5, finetune_lr=1e-4, grid_shift=-0.5,
-        mode="end_to_end", train_steps=[8, 4],
+        transporter_layers=3, transporter_hidden=[8], transporter_bins=5, finetune_lr=1e-4,
+        grid_shift=-0.5, mode="end_to_end", train_steps=[8, 4],
     )  # fmt: skip
     (_, pretrain, fm_lr), (ntm, finetune, ft_lr), (_, fm_iters, _) = calls
     assert (pretrain, finetune, fm_iters) == (10, 30, 40)
@@ -194,13 +194,16 @@ def test_the_results_page_shows_the_committed_sweep(sweep):
     # The whole sweep of make bench-toy-finetune on checkerboard.
     variants = {path.stem.split("checkerboard_")[1] for path in tables["checkerboard"]}
     assert variants == set(sweep.VARIANTS)
-    # The end-to-end variant on every dataset.
+    # The end-to-end variant on every dataset ...
     tables["end_to_end"] = sorted(results.glob("toy2d_finetune_*_e2e.json"))
     found = {
         path.stem.removeprefix("toy2d_finetune_").removesuffix("_e2e")
         for path in tables["end_to_end"]
     }
     assert found == {"checkerboard", "eight_gaussians", "pinwheel", "spirals", "two_moons"}
+    # ... and with T drawn from {4, 8} only.
+    tables["steps4-8"] = sorted(results.glob("toy2d_finetune_*_e2e_steps4-8.json"))
+    assert len(tables["steps4-8"]) == len(found)
     for name, files in tables.items():
         runs = [json.loads(path.read_text()) for path in reversed(files)]  # any file order
         assert sweep.summary_table(runs) in page, name
