@@ -84,8 +84,8 @@ bench-toy-seeds: $(VENV)/.dev-installed
 	done
 
 # The finetuned NTM's recipe with one setting changed at a time (checkerboard, seed 0): what
-# moves four-step quality? About 6 minutes per variant on 2 cores (budget2x: 20). FM@100 comes
-# from bench-toy's result of the same budget; budget2x trains its own.
+# moves four-step quality? About 6 minutes per variant on 2 cores (budget2x: 20, the e2e ones
+# about 30). FM@100 comes from bench-toy's result of the same budget; budget2x trains its own.
 FT_DATASET ?= checkerboard
 FT_VARIANTS = base aux0 pretrain0.25 pretrain0.75 wide lr5e-4 lr4e-3 shift-0.5 shift-0.75 deep_wide e2e e2e_shift-0.75 e2e_steps4-8 e2e_shift-0.75_steps4-8 e2e_bins32 e2e_deep_wide
 bench-toy-finetune: $(VENV)/.dev-installed

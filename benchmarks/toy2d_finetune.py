@@ -94,7 +94,8 @@ def recipe(
     :class:`~trajflow.schedules.ShiftedGrid` (μ < 0: levels closer to the data) instead of
     the uniform one. ``mode="end_to_end"`` scores every transition of each trajectory in
     the finetuning phase instead of one random pair (``"pairwise"``): as many batches, about
-    ``T`` times the predictor work per step. ``train_steps`` is the set of ``T`` drawn in
+    ``T`` times the predictor work per step. ``transporter_bins`` sets every spline's
+    number of bins (``toy2d.py``: 8). ``train_steps`` is the set of ``T`` drawn in
     finetuning (``toy2d.py``: 2, 4 and 8); ``T = 2`` left out, the model's capacity and
     batches go to the step counts the targets compare.
     """
