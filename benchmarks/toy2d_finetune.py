@@ -4,11 +4,11 @@
 :meth:`~trajflow.ntm.NTM.from_flow_matching` with the mean-alignment loss for the other half)
 misses "four NTM steps ≤ a hundred Euler steps" on every dataset. This script trains that row
 with one or more settings of the recipe replaced (pretraining share, auxiliary weight,
-transporter depth and width, finetuning learning rate, time grid, training mode, budget) and
-reports sliced Wasserstein at ``T = 2, 4, 8`` (the means over ``toy2d.SAMPLE_SEEDS`` sampling
-seeds, on the held-out points of ``toy2d.py``), beside flow matching with 100 Euler steps at the
-same budget: trained here, or read from a ``toy2d.py`` result of the same dataset, seed and
-budget (``--fm-from``), which saves its training.
+transporter depth, width and spline bins, finetuning learning rate, time grid, training mode,
+trained step counts, budget) and reports sliced Wasserstein at ``T = 2, 4, 8`` (the means over
+``toy2d.SAMPLE_SEEDS`` sampling seeds, on the held-out points of ``toy2d.py``), beside flow
+matching with 100 Euler steps at the same budget: trained here, or read from a ``toy2d.py``
+result of the same dataset, seed and budget (``--fm-from``), which saves its training.
 
 The model is built right after ``torch.manual_seed(seed)``, so its initial weights differ
 from the ``ntm_finetuned`` row of ``toy2d.py``, which builds the NTM from scratch first; the
@@ -110,15 +110,16 @@ def recipe(
         "mode": mode,
         "train_steps": None if train_steps is None else sorted(train_steps),
     }
+    benchmark = toy2d.ntm_config()
     default = {
         "pretrain_fraction": toy2d.PRETRAIN_FRACTION,
         "aux_weight": toy2d.AUX_WEIGHT,
         "transporter_layers": toy2d.TRANSPORTER_LAYERS,
         "transporter_hidden": list(toy2d.TRANSPORTER_HIDDEN),
-        "transporter_bins": toy2d.ntm_config().transporter[0].kwargs["bins"],
+        "transporter_bins": benchmark.transporter[0].kwargs["bins"],
         "finetune_lr": toy2d.LR,
         "grid_shift": 0.0,
-        "mode": toy2d.ntm_config().mode,
+        "mode": benchmark.mode,
         "train_steps": list(toy2d.TRAIN_STEPS),
     }
     return {key: default[key] if value is None else value for key, value in given.items()}
