@@ -72,14 +72,21 @@ bench-toy: $(VENV)/.dev-installed
 
 # The toy NTM once per training seed (0, 1, 2): is "T = 8 no worse than T = 4" more than luck?
 # About 5 minutes per seed and dataset on 2 cores. X0_MSE_WEIGHT=1 judges the NTM's x̂₀
-# regression term the same way (results named toy2d_seeds_x0mse1_*).
+# regression term the same way (results named toy2d_seeds_x0mse1_*), SEEDS_TRAIN_STEPS="4 8"
+# the step counts trained (toy2d_seeds_steps4-8_*).
 X0_MSE_WEIGHT ?= 0
-SEEDS_NAME = $(if $(filter 0 0.0,$(X0_MSE_WEIGHT)),toy2d_seeds,toy2d_seeds_x0mse$(X0_MSE_WEIGHT))
+SEEDS_TRAIN_STEPS ?=
+empty :=
+space := $(empty) $(empty)
+SEEDS_X0 = $(if $(filter 0 0.0,$(X0_MSE_WEIGHT)),,_x0mse$(X0_MSE_WEIGHT))
+SEEDS_STEPS = $(if $(SEEDS_TRAIN_STEPS),_steps$(subst $(space),-,$(strip $(SEEDS_TRAIN_STEPS))))
+SEEDS_NAME = toy2d_seeds$(SEEDS_X0)$(SEEDS_STEPS)
 bench-toy-seeds: $(VENV)/.dev-installed
 	mkdir -p benchmarks/results
 	for dataset in checkerboard eight_gaussians two_moons pinwheel spirals; do \
 		$(PY) benchmarks/toy2d_seeds.py --dataset $$dataset --seeds 0 1 2 \
 			--x0-mse-weight $(X0_MSE_WEIGHT) \
+			$(if $(SEEDS_TRAIN_STEPS),--train-steps $(SEEDS_TRAIN_STEPS)) \
 			--out benchmarks/results/$(SEEDS_NAME)_$$dataset.json || exit 1; \
 	done
 

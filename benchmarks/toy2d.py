@@ -31,7 +31,7 @@ import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -76,20 +76,24 @@ def ntm_config(
     x0_mse_weight: float = 0.0,
     transporter_layers: int | None = None,
     transporter_hidden: list[int] | None = None,
+    train_steps: list[int] | None = None,
+    mode: Literal["pairwise", "end_to_end"] = "pairwise",
 ) -> ModelConfig:
     """The NTM (or, without transporter, the Gaussian chain) of this benchmark.
 
     ``x0_mse_weight`` adds the NTM's x̂₀ regression term (see ``toy2d_seeds.py``);
     ``transporter_layers`` and ``transporter_hidden`` replace :data:`TRANSPORTER_LAYERS` and
-    :data:`TRANSPORTER_HIDDEN` (see ``toy2d_finetune.py``). This benchmark's rows use the
-    defaults and train with the pure trajectory NLL.
+    :data:`TRANSPORTER_HIDDEN` (see ``toy2d_finetune.py``); ``train_steps`` replaces
+    :data:`TRAIN_STEPS` and ``mode`` the training mode (``toy2d_seeds.py``). This benchmark's
+    rows use the defaults and train pair-wise with the pure trajectory NLL.
     """
     layers = TRANSPORTER_LAYERS if transporter_layers is None else transporter_layers
     return toy_ntm_config(
         predictor_hidden=PREDICTOR_HIDDEN,
         transporter_layers=layers if transporter else 0,
         transporter_hidden=TRANSPORTER_HIDDEN if transporter_hidden is None else transporter_hidden,
-        steps=TRAIN_STEPS,
+        steps=TRAIN_STEPS if train_steps is None else train_steps,
+        mode=mode,
         x0_mse_weight=x0_mse_weight,
     )
 

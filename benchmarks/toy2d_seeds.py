@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -72,6 +72,8 @@ def run(
     *,
     eval_points: int | None = None,
     x0_mse_weight: float = 0.0,
+    train_steps: list[int] | None = None,
+    mode: Literal["pairwise", "end_to_end"] = "pairwise",
 ) -> dict[str, Any]:
     """Trains and evaluates the benchmark's NTM once per training seed; returns the JSON payload.
 
@@ -81,17 +83,24 @@ def run(
         iters: Training iterations (default ``toy2d.ITERATIONS``).
         eval_points: Samples and held-out points per evaluation (default ``toy2d.EVAL_POINTS``).
         x0_mse_weight: Weight of the NTM's x̂₀ regression term (``0``: the ``toy2d.py`` NTM).
+        train_steps: The step counts ``T`` is drawn from in training (default
+            ``toy2d.TRAIN_STEPS``); the model is still sampled at every ``T`` of :data:`STEPS`.
+        mode: ``"pairwise"`` (``toy2d.py``'s NTM: one transition scored per trajectory) or
+            ``"end_to_end"`` (every transition scored).
     """
     DATASETS.get(dataset)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"expected distinct training seeds, got {seeds}")
     iters = toy2d.ITERATIONS if iters is None else iters
     points = toy2d.EVAL_POINTS if eval_points is None else eval_points
+    train_steps = list(toy2d.TRAIN_STEPS) if train_steps is None else sorted(train_steps)
+    default = (x0_mse_weight, train_steps, mode) == (0.0, list(toy2d.TRAIN_STEPS), "pairwise")
+    # Built (and so validated) before any seed trains.
+    config = toy2d.ntm_config(x0_mse_weight=x0_mse_weight, train_steps=train_steps, mode=mode)
     records = []
     for seed in seeds:
         torch.manual_seed(seed)  # as toy2d.run does before building its first model
         start = time.perf_counter()
-        config = toy2d.ntm_config(x0_mse_weight=x0_mse_weight)
         _, ema = toy2d.fit(config.build(), dataset, iters, seed)
         seconds = time.perf_counter() - start
         per_seed = evaluate(ema, dataset, seed, points)
@@ -118,8 +127,11 @@ def run(
             "batch_size": toy2d.BATCH,
             "eval_points": points,
             "sample_seeds": toy2d.SAMPLE_SEEDS,
-            "model": "the ntm row of toy2d.py",
+            "model": "the ntm row of toy2d.py"
+            + ("" if default else " with the x̂₀ term, step counts and mode below"),
             "x0_mse_weight": x0_mse_weight,
+            "train_steps": train_steps,
+            "mode": mode,
         },
         "records": records,
         "summary": {
@@ -165,6 +177,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--x0-mse-weight", type=float, default=0.0,
         help="weight of the NTM's x̂₀ regression term (default 0: the toy2d.py NTM)",
     )  # fmt: skip
+    parser.add_argument(
+        "--train-steps", type=int, nargs="+", default=None,
+        help=f"step counts T is drawn from in training (default {toy2d.TRAIN_STEPS})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mode", choices=["pairwise", "end_to_end"], default="pairwise",
+        help="transitions scored per trajectory: one (pairwise, default) or all (end_to_end)",
+    )  # fmt: skip
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--summarize", nargs="+", metavar="JSON", help="summarize result files")
     args = parser.parse_args(argv)
@@ -172,7 +192,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return summarize(args.summarize, summary_table)
     if not args.out:
         parser.error("--out is required (or --summarize FILES)")
-    result = run(args.dataset, args.seeds, args.iters, x0_mse_weight=args.x0_mse_weight)
+    result = run(
+        args.dataset, args.seeds, args.iters, x0_mse_weight=args.x0_mse_weight,
+        train_steps=args.train_steps, mode=args.mode,
+    )  # fmt: skip
     write_json(args.out, result)
     print(summary_table([result]))
     print(ratio_target(result["summary"]["ratio_of_means_8_4"]).line())

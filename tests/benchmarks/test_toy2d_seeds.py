@@ -96,3 +96,34 @@ def test_the_x0_regression_weight_reaches_the_model_and_the_json(
     assert out.exists()
     seeds_module.run("two_moons", [0], iters=1, eval_points=50)
     assert built == [0.5, 0.0]  # the default is the toy2d.py NTM, pure NLL
+
+
+def test_the_trained_step_counts_and_mode_reach_the_model_and_the_json(
+    seeds_module, monkeypatch, tmp_path
+):
+    toy2d = seeds_module.toy2d
+    monkeypatch.setattr(toy2d, "BATCH", 64)
+    monkeypatch.setattr(toy2d, "EVAL_POINTS", 100)
+    built, fit = [], toy2d.fit
+
+    def spy(model, *args, **kwargs):
+        built.append((list(model.schedule.steps), model.mode))
+        return fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(toy2d, "fit", spy)
+    argv = ["--dataset", "two_moons", "--seeds", "0", "--iters", "2", "--train-steps", "8", "4"]
+    result = seeds_module.main([*argv, "--mode", "end_to_end", "--out", str(tmp_path / "s.json")])
+    assert built == [([4, 8], "end_to_end")]
+    assert result["settings"]["train_steps"] == [4, 8]
+    assert result["settings"]["mode"] == "end_to_end"
+    # Sampled at every T of STEPS, trained or not.
+    assert set(result["records"][0]["sliced_wasserstein"]) == {str(s) for s in seeds_module.STEPS}
+    seeds_module.run("two_moons", [0], iters=1, eval_points=50)
+    assert built[-1] == (toy2d.TRAIN_STEPS, "pairwise")  # the default is the toy2d.py NTM
+
+
+def test_a_bad_step_set_fails_before_training(seeds_module, monkeypatch):
+    toy2d = seeds_module.toy2d
+    monkeypatch.setattr(toy2d, "fit", lambda *args, **kwargs: pytest.fail("trained"))
+    with pytest.raises(ValueError, match="steps"):
+        seeds_module.run("two_moons", [0], iters=1, eval_points=10, train_steps=[0, 4])
