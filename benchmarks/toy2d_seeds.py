@@ -8,11 +8,16 @@ training seed and reports, per seed, sliced Wasserstein at ``T = 1, 2, 4, 8`` an
 ``T8 / T4``; then the mean ratio, its spread and how many seeds meet ``T8 ≤ T4``.
 
 Seed ``s`` reproduces the ``ntm`` rows of ``toy2d.py --seed s`` exactly (same initial weights,
-data stream, held-out points and sampling seeds).
+data stream, held-out points and sampling seeds). Three settings change that NTM, each judged
+over the same seeds: the x̂₀ regression term (``--x0-mse-weight``), the step counts ``T`` is
+drawn from in training (``--train-steps``) and the training mode (``--mode end_to_end``: every
+transition of each trajectory scored instead of one).
 
 Usage:
     python benchmarks/toy2d_seeds.py --dataset spirals --seeds 0 1 2 \\
         --out out/toy2d_seeds_spirals.json
+    python benchmarks/toy2d_seeds.py --dataset spirals --train-steps 4 8 \\
+        --out out/toy2d_seeds_steps4-8_spirals.json
     python benchmarks/toy2d_seeds.py --summarize benchmarks/results/toy2d_seeds_*.json
 """
 
@@ -150,13 +155,28 @@ def ratio_target(ratio_of_means: float) -> Target:
     return Target("NTM T=8 SW / T=4 SW, means over training seeds", ratio_of_means, 1.0)
 
 
+def changes(settings: dict[str, Any]) -> str:
+    """What a run changed in ``toy2d.py``'s NTM, for the summary table (results of older
+    versions of this script lack the step counts and mode: they used the defaults)."""
+    found = []
+    if settings.get("x0_mse_weight", 0.0):
+        found.append(f"x̂₀ term {settings['x0_mse_weight']:g}")
+    steps = settings.get("train_steps", toy2d.TRAIN_STEPS)
+    if steps != toy2d.TRAIN_STEPS:
+        found.append("T ∈ {" + ", ".join(map(str, steps)) + "}")
+    if settings.get("mode", "pairwise") != "pairwise":
+        found.append(settings["mode"].replace("_", "-"))
+    return ", ".join(found) or "toy2d.py NTM"
+
+
 def summary_table(results: list[dict[str, Any]]) -> str:
-    """One markdown row per dataset: T=4 and T=8 SW per seed, the ratios and the verdicts."""
+    """One markdown row per run: T=4 and T=8 SW per seed, the ratios and the verdicts."""
     rows = []
     for result in results:
         summary = result["summary"]
         rows.append({
             "dataset": result["dataset"],
+            "changed": changes(result["settings"]),
             "seeds": " / ".join(str(r["seed"]) for r in result["records"]),
             "T=4 SW": " / ".join(f"{r['sliced_wasserstein']['4']:.4f}" for r in result["records"]),
             "T=8 SW": " / ".join(f"{r['sliced_wasserstein']['8']:.4f}" for r in result["records"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -127,3 +128,24 @@ def test_a_bad_step_set_fails_before_training(seeds_module, monkeypatch):
     monkeypatch.setattr(toy2d, "fit", lambda *args, **kwargs: pytest.fail("trained"))
     with pytest.raises(ValueError, match="steps"):
         seeds_module.run("two_moons", [0], iters=1, eval_points=10, train_steps=[0, 4])
+
+
+def test_the_summary_names_what_each_run_changed(seeds_module):
+    toy2d = seeds_module.toy2d
+    default = {"x0_mse_weight": 0.0, "train_steps": toy2d.TRAIN_STEPS, "mode": "pairwise"}
+    assert seeds_module.changes(default) == "toy2d.py NTM"
+    assert seeds_module.changes({"x0_mse_weight": 0.0}) == "toy2d.py NTM"  # an older result
+    changed = {"x0_mse_weight": 1.0, "train_steps": [4, 8], "mode": "end_to_end"}
+    assert seeds_module.changes(changed) == "x̂₀ term 1, T ∈ {4, 8}, end-to-end"
+
+
+DATASETS = ["checkerboard", "eight_gaussians", "pinwheel", "spirals", "two_moons"]
+
+
+@pytest.mark.parametrize("prefix", ["toy2d_seeds", "toy2d_seeds_x0mse1", "toy2d_seeds_steps4-8"])
+def test_the_results_page_shows_the_committed_seeds(seeds_module, prefix):
+    """Each seeds table on the toy results page is the summary of its five committed JSONs."""
+    results = ROOT / "benchmarks" / "results"
+    runs = [json.loads((results / f"{prefix}_{name}.json").read_text()) for name in DATASETS]
+    page = (ROOT / "docs" / "toy_results.md").read_text()
+    assert seeds_module.summary_table(runs) in page
