@@ -140,12 +140,22 @@ def test_the_summary_names_what_each_run_changed(seeds_module):
 
 
 DATASETS = ["checkerboard", "eight_gaussians", "pinwheel", "spirals", "two_moons"]
+#: Each seeds table on the toy results page, as the result files it summarises, in order.
+PAGE_TABLES = {
+    prefix: [f"{prefix}_{name}" for name in DATASETS]
+    for prefix in ("toy2d_seeds", "toy2d_seeds_x0mse1", "toy2d_seeds_steps4-8")
+} | {
+    "steps4-8 one-offs": [
+        "toy2d_seeds_x0mse1_steps4-8_spirals",
+        *(f"toy2d_seeds_e2e_steps4-8_two_moons_seed{seed}" for seed in range(3)),
+    ]
+}
 
 
-@pytest.mark.parametrize("prefix", ["toy2d_seeds", "toy2d_seeds_x0mse1", "toy2d_seeds_steps4-8"])
-def test_the_results_page_shows_the_committed_seeds(seeds_module, prefix):
-    """Each seeds table on the toy results page is the summary of its five committed JSONs."""
+@pytest.mark.parametrize("table", list(PAGE_TABLES))
+def test_the_results_page_shows_the_committed_seeds(seeds_module, table):
+    """Each seeds table on the toy results page is the summary of its committed JSONs."""
     results = ROOT / "benchmarks" / "results"
-    runs = [json.loads((results / f"{prefix}_{name}.json").read_text()) for name in DATASETS]
+    runs = [json.loads((results / f"{name}.json").read_text()) for name in PAGE_TABLES[table]]
     page = (ROOT / "docs" / "toy_results.md").read_text()
     assert seeds_module.summary_table(runs) in page
