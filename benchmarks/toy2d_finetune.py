@@ -179,11 +179,11 @@ def run(
     config = toy2d.ntm_config(
         transporter_layers=chosen["transporter_layers"],
         transporter_hidden=chosen["transporter_hidden"],
+        train_steps=chosen["train_steps"],
+        mode=chosen["mode"],
     ).model_dump()
     for spec in config["transporter"]:
         spec["kwargs"]["bins"] = chosen["transporter_bins"]
-    config["mode"] = chosen["mode"]
-    config["schedule"]["steps"] = chosen["train_steps"]
     if chosen["grid_shift"]:
         config["schedule"].update(grid="shifted", shift=chosen["grid_shift"])
     # Validated (model_copy would not be): a bad mode or a grid whose t_1 falls below t_min
